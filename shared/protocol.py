@@ -1,0 +1,262 @@
+"""Every message the three services exchange, as typed, versioned schemas.
+
+A message is a msgpack map with the protocol version ``v``, a ``type`` tag and
+the fields of its schema. ``encode`` and ``decode`` are the only ways messages
+enter or leave a socket or a Redis value, so every frame is validated by
+pydantic on the way in.
+
+Paths:
+- gateway -> verify: ``GenerateRequest`` in the Redis request stream.
+- verify -> gateway: ``TokenEvent``, ``FinishEvent``, ``ErrorEvent`` in the
+  request's Redis events stream.
+- verify <-> draft over ZeroMQ (verify DEALER, draft ROUTER):
+  ``PrefillRequest``/``DraftRequest`` -> ``DraftReply``;
+  ``BuildCacheRequest`` -> ``CacheReady``; ``ReleaseRequest`` (no reply);
+  any request -> ``ErrorReply`` when it cannot be served.
+- draft -> Redis -> verify: ``CacheEntry`` values of the speculation cache.
+- every replica -> Redis: ``ReplicaInfo`` heartbeats.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+import msgpack
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+PROTOCOL_VERSION = 1
+
+
+class ProtocolError(ValueError):
+    """A frame that is not a valid message of this protocol version."""
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SamplingParams(_Message):
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, description="0 disables top-k")
+    seed: int = Field(0, ge=0, description="seed of the per-position sampling noise")
+    max_tokens: int = Field(16, ge=1)
+    stop: list[str] = Field(default_factory=list)
+    stop_token_ids: list[int] = Field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = Field(None, ge=0, le=20, description="number of top log-probabilities per token; None returns none")
+
+
+# gateway -> verify
+
+
+class GenerateRequest(_Message):
+    type: Literal["generate"] = "generate"
+    request_id: str
+    prompt_token_ids: list[int] = Field(min_length=1)
+    sampling: SamplingParams
+    arrival_time: float
+
+
+# verify -> gateway
+
+
+class TokenLogprob(_Message):
+    token_id: int
+    logprob: float
+    top: dict[int, float] = Field(default_factory=dict)
+
+
+class TokenEvent(_Message):
+    type: Literal["tokens"] = "tokens"
+    request_id: str
+    token_ids: list[int]
+    text: str
+    logprobs: list[TokenLogprob] | None = None
+
+
+class Usage(_Message):
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class DecodeStats(_Message):
+    """Per-request counters of the verify loop."""
+
+    mode: str
+    steps: int = 0
+    # accepted_per_pos[i]: steps in which draft position i (0-based) was accepted.
+    accepted_per_pos: list[int] = Field(default_factory=list)
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+    ttft_s: float = 0.0
+    decode_s: float = 0.0
+    verify_s: float = 0.0
+    wait_draft_s: float = 0.0
+
+
+class FinishEvent(_Message):
+    type: Literal["finish"] = "finish"
+    request_id: str
+    finish_reason: Literal["stop", "length", "abort"]
+    usage: Usage
+    stats: DecodeStats
+    stop_reason: str | int | None = None
+
+
+class ErrorEvent(_Message):
+    type: Literal["error"] = "error"
+    request_id: str
+    message: str
+    code: str = "internal_error"
+
+
+# verify <-> draft
+
+
+class PrefillRequest(_Message):
+    """Prefill ``prompt_token_ids[:-1]``; if ``k`` > 0, then draft ``k`` tokens after the full prompt (step 0)."""
+
+    type: Literal["prefill"] = "prefill"
+    request_id: str
+    prompt_token_ids: list[int] = Field(min_length=1)
+    k: int = Field(ge=0)
+    step: int = Field(0, ge=0, description="step number of the draft reply; nonzero when a lost sequence is rebuilt mid-request")
+
+
+class DraftRequest(_Message):
+    """Draft ``k`` tokens after the committed sequence whose tail from ``base_len`` is ``tokens``."""
+
+    type: Literal["draft"] = "draft"
+    request_id: str
+    step: int = Field(ge=0)
+    base_len: int = Field(ge=0)
+    tokens: list[int] = Field(min_length=1)
+    k: int = Field(ge=1)
+
+
+class DraftReply(_Message):
+    type: Literal["draft_reply"] = "draft_reply"
+    request_id: str
+    step: int
+    tokens: list[int]
+    elapsed_s: float
+
+
+class BuildCacheRequest(_Message):
+    """Build the speculation cache for every likely outcome of verifying [r, s1..sK].
+
+    ``tokens`` starts at position ``base_len``, and the draft has seen every
+    token before it in earlier messages. ``tokens[root_offset:]`` is
+    [r, s1..sK]; any tokens before it are committed ones the draft may lack.
+    """
+
+    type: Literal["build_cache"] = "build_cache"
+    request_id: str
+    step: int = Field(ge=0)
+    base_len: int = Field(ge=0)
+    tokens: list[int] = Field(min_length=1)
+    root_offset: int = Field(0, ge=0)
+    fanout: list[int] = Field(description="f_j for j = 0..K")
+    k: int = Field(ge=1, description="draft tokens per cached speculation")
+    ttl_s: float = Field(gt=0)
+
+
+class CacheReady(_Message):
+    type: Literal["cache_ready"] = "cache_ready"
+    request_id: str
+    step: int
+    num_entries: int
+    glue_s: float
+    fork_s: float
+    tree_s: float
+    publish_s: float
+
+    @property
+    def build_s(self) -> float:
+        return self.glue_s + self.fork_s + self.tree_s + self.publish_s
+
+
+class ReleaseRequest(_Message):
+    type: Literal["release"] = "release"
+    request_id: str
+
+
+class ErrorReply(_Message):
+    type: Literal["error_reply"] = "error_reply"
+    request_id: str
+    code: Literal["unknown_request", "invalid", "internal"]
+    message: str
+
+
+# draft -> Redis -> verify
+
+
+class CacheEntry(_Message):
+    type: Literal["cache_entry"] = "cache_entry"
+    tokens: list[int]
+
+
+# heartbeats
+
+
+class ReplicaInfo(_Message):
+    type: Literal["replica"] = "replica"
+    role: Literal["gateway", "verify", "draft"]
+    replica_id: str
+    address: str = ""
+    model: str = ""
+    mode: str = ""
+    running: int = 0
+    tokenizer_hash: str = Field("", description="sha256 of the tokenizer vocabulary; a verify replica only uses drafts whose hash equals its own")
+    started_at: float
+
+
+Message = Annotated[
+    Union[
+        GenerateRequest,
+        TokenEvent,
+        FinishEvent,
+        ErrorEvent,
+        PrefillRequest,
+        DraftRequest,
+        DraftReply,
+        BuildCacheRequest,
+        CacheReady,
+        ReleaseRequest,
+        ErrorReply,
+        CacheEntry,
+        ReplicaInfo,
+    ],
+    Field(discriminator="type"),
+]
+_adapter: TypeAdapter = TypeAdapter(Message)
+
+
+def encode(message: _Message) -> bytes:
+    payload = message.model_dump(mode="python")
+    payload["v"] = PROTOCOL_VERSION
+    return msgpack.packb(payload, use_bin_type=True)
+
+
+def decode(frame: bytes) -> _Message:
+    """Decode and validate one frame; raise ``ProtocolError`` on anything else."""
+    try:
+        payload = msgpack.unpackb(frame, raw=False, strict_map_key=False)
+    except (msgpack.UnpackException, ValueError) as exc:
+        raise ProtocolError(f"frame is not valid msgpack: {exc}") from exc
+    if not isinstance(payload, dict):
+        raise ProtocolError(f"frame is a msgpack {type(payload).__name__}, expected a map")
+    version = payload.pop("v", None)
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {version!r} is not supported; this build speaks version {PROTOCOL_VERSION}")
+    try:
+        return _adapter.validate_python(payload)
+    except ValueError as exc:
+        raise ProtocolError(f"invalid {payload.get('type', 'untyped')} message: {exc}") from exc
