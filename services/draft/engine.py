@@ -1,0 +1,199 @@
+"""Draft model runner: per-request KV, greedy drafting and the speculation-cache build.
+
+Building the cache for the step that verifies ``[r, s1..sK]`` runs four steps,
+one function each: glue (one causal forward over the K + 1 tokens under
+verification), fork (the top ``f_j`` draft candidates for the committed token
+after j accepted drafts), tree (K batched forwards that decode every branch at
+once over one shared KV with a tree attention mask) and publish (done by the
+caller, which writes the entries to Redis).
+
+Positions: the committed sequence before r has ``base_len`` tokens, so r sits
+at position ``base_len`` and s_i at ``base_len + i``. Branch (j, c) continues
+after s_j: its token at depth d (d = 1 for c itself) sits at position
+``base_len + j + d``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from shared.modeling import crop_cache
+
+# Candidates kept per processed position; bounds the fan-out of one acceptance length.
+MAX_CANDIDATES = 16
+
+
+@dataclass
+class DraftSequence:
+    """Draft-side state of one request."""
+
+    request_id: str
+    cache: DynamicCache
+    # Tokens whose KV is in ``cache``, in order.
+    ids: list[int] = field(default_factory=list)
+    # candidates[i]: the draft's top MAX_CANDIDATES next tokens after ids[: i + 1], best first.
+    candidates: list[list[int]] = field(default_factory=list)
+    last_used: float = field(default_factory=time.monotonic)
+
+    def crop(self, length: int) -> None:
+        if length < len(self.ids):
+            crop_cache(self.cache, length)
+            del self.ids[length:]
+            del self.candidates[length:]
+
+
+@dataclass
+class Branch:
+    accepted: int  # j, drafts accepted before the branch
+    token: int  # c, the committed token the branch starts with
+    tokens: list[int] = field(default_factory=list)  # the K draft tokens decoded after c
+
+
+@dataclass
+class CacheBuild:
+    branches: list[Branch]
+    glue_s: float
+    fork_s: float
+    tree_s: float
+
+
+class DraftEngine:
+    def __init__(self, model, device: torch.device):
+        self.model = model
+        self.device = device
+        self.dtype = next(model.parameters()).dtype
+        self.sequences: dict[str, DraftSequence] = {}
+
+    # -- sequence management ------------------------------------------------
+
+    def new_sequence(self, request_id: str) -> DraftSequence:
+        seq = DraftSequence(request_id=request_id, cache=DynamicCache(config=self.model.config))
+        self.sequences[request_id] = seq
+        return seq
+
+    def release(self, request_id: str) -> None:
+        self.sequences.pop(request_id, None)
+
+    @torch.inference_mode()
+    def _forward(self, seq: DraftSequence, tokens: list[int], positions: list[int], mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the draft over ``tokens`` appended to ``seq.cache``; return logits [len(tokens), V]."""
+        input_ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
+        position_ids = torch.tensor([positions], dtype=torch.long, device=self.device)
+        out = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask, cache=seq.cache, use_cache=True)
+        return out.logits[0]
+
+    def _extend(self, seq: DraftSequence, tokens: list[int]) -> None:
+        """Append ``tokens`` to the sequence, computing their KV and next-token candidates."""
+        if not tokens:
+            return
+        start = len(seq.ids)
+        logits = self._forward(seq, tokens, list(range(start, start + len(tokens))))
+        top = torch.topk(logits.float(), MAX_CANDIDATES, dim=-1).indices.tolist()
+        seq.ids.extend(tokens)
+        seq.candidates.extend(top)
+
+    def prefill(self, request_id: str, prompt_ids: list[int]) -> DraftSequence:
+        """Start a sequence with the KV of ``prompt_ids``."""
+        seq = self.new_sequence(request_id)
+        self._extend(seq, prompt_ids)
+        return seq
+
+    def sync(self, seq: DraftSequence, base_len: int, tokens: list[int]) -> None:
+        """Make the sequence hold ``ids[:base_len] + tokens`` with KV and candidates for every token.
+
+        Tokens already in the sequence at the right place are reused. The first
+        ``base_len`` tokens must be ones the sequence has seen.
+        """
+        if base_len > len(seq.ids):
+            raise ValueError(f"base_len {base_len} is beyond the {len(seq.ids)} tokens the draft holds for request {seq.request_id}")
+        keep = base_len
+        for held, wanted in zip(seq.ids[base_len:], tokens):
+            if held != wanted:
+                break
+            keep += 1
+        seq.crop(keep)
+        self._extend(seq, tokens[keep - base_len :])
+        seq.last_used = time.monotonic()
+
+    # -- drafting -------------------------------------------------------------
+
+    def draft(self, seq: DraftSequence, k: int) -> list[int]:
+        """Greedily draft ``k`` tokens after the sequence's last token (k - 1 forwards)."""
+        drafted = [seq.candidates[-1][0]]
+        while len(drafted) < k:
+            self._extend(seq, [drafted[-1]])
+            drafted.append(seq.candidates[-1][0])
+        return drafted
+
+    # -- speculation cache ---------------------------------------------------
+
+    def glue(self, seq: DraftSequence, base_len: int, tokens: list[int]) -> None:
+        """Write the draft KV of the tokens under verification and their candidates."""
+        self.sync(seq, base_len, tokens)
+
+    def fork(self, seq: DraftSequence, base_len: int, tokens: list[int], fanout: list[int]) -> list[Branch]:
+        """Pick the candidate committed tokens c for each acceptance length j.
+
+        After j < K accepted drafts the target rejected s_{j+1}, so s_{j+1} is not a
+        candidate; after K accepted drafts any token can be the bonus token.
+        """
+        k = len(tokens) - 1
+        branches = []
+        for j in range(k + 1):
+            wanted = fanout[j] if j < len(fanout) else 0
+            if wanted <= 0:
+                continue
+            rejected = tokens[j + 1] if j < k else None
+            chosen = [c for c in seq.candidates[base_len + j] if c != rejected][:wanted]
+            branches.extend(Branch(accepted=j, token=c) for c in chosen)
+        return branches
+
+    def tree_mask(self, base_len: int, cache_len: int, branches: list[Branch], depth: int) -> torch.Tensor:
+        """Return the additive attention mask [1, 1, M, cache_len + depth * M] for tree depth ``depth``.
+
+        Branch b attends to the committed prefix, the glue tokens r..s_{j_b} and
+        its own tree tokens at cache indices ``cache_len + (d - 1) * M + b`` for d <= depth.
+        """
+        m = len(branches)
+        allowed = torch.zeros(m, cache_len + depth * m, dtype=torch.bool)
+        for b, branch in enumerate(branches):
+            allowed[b, : base_len + branch.accepted + 1] = True
+        rows = torch.arange(m)
+        for d in range(depth):
+            allowed[rows, cache_len + d * m + rows] = True
+        mask = torch.zeros(allowed.shape, dtype=self.dtype)
+        mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
+        return mask[None, None].to(self.device)
+
+    def tree_decode(self, seq: DraftSequence, base_len: int, branches: list[Branch], k: int) -> None:
+        """Decode ``k`` tokens on every branch, one batched forward per depth, then drop the tree KV."""
+        if not branches:
+            return
+        cache_len = len(seq.ids)
+        inputs = [branch.token for branch in branches]
+        try:
+            for depth in range(1, k + 1):
+                positions = [base_len + branch.accepted + depth for branch in branches]
+                mask = self.tree_mask(base_len, cache_len, branches, depth)
+                logits = self._forward(seq, inputs, positions, mask)
+                inputs = torch.argmax(logits, dim=-1).tolist()
+                for branch, token in zip(branches, inputs):
+                    branch.tokens.append(token)
+        finally:
+            crop_cache(seq.cache, cache_len)
+
+    def build_cache(self, seq: DraftSequence, base_len: int, tokens: list[int], fanout: list[int], k: int, root_offset: int = 0) -> CacheBuild:
+        """Build the ``k``-token speculation for every likely outcome of verifying ``tokens[root_offset:]`` = [r, s1..sK]."""
+        started = time.perf_counter()
+        self.glue(seq, base_len, tokens)
+        glued = time.perf_counter()
+        root_pos = base_len + root_offset
+        branches = self.fork(seq, root_pos, tokens[root_offset:], fanout)
+        forked = time.perf_counter()
+        self.tree_decode(seq, root_pos, branches, k)
+        done = time.perf_counter()
+        return CacheBuild(branches=branches, glue_s=glued - started, fork_s=forked - glued, tree_s=done - forked)

@@ -1,0 +1,92 @@
+"""Tree decode over one shared KV must match decoding every branch on its own."""
+
+import torch
+from transformers import DynamicCache
+
+from services.draft.engine import Branch, DraftEngine
+from shared.modeling import crop_cache
+from tests.tiny_models import tiny_qwen2
+
+
+def _branch_alone(model, prefix: list[int], k: int) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy-decode k tokens after ``prefix`` with plain causal forwards; return tokens and logits."""
+    cache = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        out = model(input_ids=torch.tensor([prefix]), cache=cache, use_cache=True)
+        tokens, logits = [], []
+        next_logits = out.logits[0, -1]
+        for _ in range(k):
+            token = int(torch.argmax(next_logits))
+            tokens.append(token)
+            logits.append(next_logits)
+            out = model(input_ids=torch.tensor([[token]]), cache=cache, use_cache=True)
+            next_logits = out.logits[0, -1]
+    return tokens, logits
+
+
+def test_tree_decode_matches_separate_branches():
+    model = tiny_qwen2(seed=1)
+    engine = DraftEngine(model, torch.device("cpu"))
+    prompt = [5, 17, 33, 2, 90, 41, 7]
+    glue = [12, 60, 3, 99]  # r, s1, s2, s3
+    k = len(glue) - 1
+    seq = engine.prefill("r1", prompt)
+    base_len = len(prompt)
+    build = engine.build_cache(seq, base_len, glue, fanout=[3, 2, 2, 3], k=k)
+
+    assert len(build.branches) == 10
+    assert len(seq.ids) == base_len + len(glue), "tree KV must be dropped after the build"
+    for branch in build.branches:
+        prefix = prompt + glue[: branch.accepted + 1] + [branch.token]
+        expected, _ = _branch_alone(model, prefix, k)
+        assert branch.tokens == expected, f"branch (j={branch.accepted}, c={branch.token})"
+
+
+def test_tree_logits_match_separate_decode():
+    model = tiny_qwen2(seed=2)
+    engine = DraftEngine(model, torch.device("cpu"))
+    prompt = [9, 8, 7, 6, 5]
+    glue = [1, 2, 3]
+    seq = engine.prefill("r2", prompt)
+    base_len = len(prompt)
+    engine.glue(seq, base_len, glue)
+    branches = [Branch(accepted=0, token=40), Branch(accepted=1, token=41), Branch(accepted=2, token=42)]
+    cache_len = len(seq.ids)
+    positions = [base_len + b.accepted + 1 for b in branches]
+    mask = engine.tree_mask(base_len, cache_len, branches, depth=1)
+    tree_logits = engine._forward(seq, [b.token for b in branches], positions, mask)
+    crop_cache(seq.cache, cache_len)
+    for row, branch in enumerate(branches):
+        prefix = prompt + glue[: branch.accepted + 1] + [branch.token]
+        with torch.inference_mode():
+            alone = model(input_ids=torch.tensor([prefix])).logits[0, -1]
+        torch.testing.assert_close(tree_logits[row], alone, rtol=1e-4, atol=1e-5)
+
+
+def test_fork_excludes_rejected_draft():
+    model = tiny_qwen2(seed=3)
+    engine = DraftEngine(model, torch.device("cpu"))
+    prompt = [4, 4, 4]
+    seq = engine.prefill("r3", prompt)
+    engine.glue(seq, len(prompt), [10, 11, 12])
+    top_after_r = seq.candidates[len(prompt)][0]
+    glue = [10, top_after_r, 12]
+    engine.glue(seq, len(prompt), glue)
+    branches = engine.fork(seq, len(prompt), glue, fanout=[2, 1, 4])
+    j0 = [b.token for b in branches if b.accepted == 0]
+    assert top_after_r not in j0
+    assert len(j0) == 2
+    assert len([b for b in branches if b.accepted == 2]) == 4
+
+
+def test_sync_reuses_matching_prefix():
+    model = tiny_qwen2(seed=4)
+    engine = DraftEngine(model, torch.device("cpu"))
+    seq = engine.prefill("r4", [1, 2, 3])
+    engine.sync(seq, 3, [4, 5, 6])
+    engine.sync(seq, 4, [5, 9])
+    assert seq.ids == [1, 2, 3, 4, 5, 9]
+    assert len(seq.candidates) == 6
+    with torch.inference_mode():
+        alone = model(input_ids=torch.tensor([[1, 2, 3, 4, 5, 9]])).logits[0, -1]
+    assert seq.candidates[-1][0] == int(torch.argmax(alone))

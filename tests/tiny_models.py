@@ -1,0 +1,69 @@
+"""Tiny random-weight Qwen2 models with a word-level tokenizer, for fast tests of mechanics and exactness.
+
+Token i < 126 is the word ``w{i}``; 126 is ``<s>`` and 127 is ``</s>`` (EOS).
+The draft is the target with noise added to its weights, so it agrees with the
+target often but not always: both cache hits and misses occur.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+TINY_VOCAB = 128
+EOS_ID = 127
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+
+
+def tiny_qwen2(seed: int, layers: int = 2, hidden: int = 64, vocab: int = TINY_VOCAB) -> Qwen2ForCausalLM:
+    """Return a random Qwen2 model in fp32; the same seed gives the same weights."""
+    config = Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+        eos_token_id=EOS_ID,
+        bos_token_id=EOS_ID - 1,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config)
+    # Sharpen the output distribution so greedy continuations vary and rarely tie.
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+    model.eval()
+    return model
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {f"w{i}": i for i in range(TINY_VOCAB - 2)}
+    vocab["<s>"] = TINY_VOCAB - 2
+    vocab["</s>"] = EOS_ID
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def save_tiny_pair(directory: Path, draft_noise: float = 0.02) -> tuple[Path, Path]:
+    """Write a target and a draft model directory under ``directory``; return their paths."""
+    target_dir, draft_dir = directory / "tiny-target", directory / "tiny-draft"
+    target = tiny_qwen2(seed=11)
+    draft = tiny_qwen2(seed=11)
+    generator = torch.Generator().manual_seed(12)
+    with torch.no_grad():
+        for param in draft.parameters():
+            param.add_(torch.randn(param.shape, generator=generator) * draft_noise * param.std())
+    tokenizer = tiny_tokenizer()
+    for model, path in ((target, target_dir), (draft, draft_dir)):
+        model.generation_config.eos_token_id = EOS_ID
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+    return target_dir, draft_dir
