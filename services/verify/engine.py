@@ -1,0 +1,90 @@
+"""Target model runner: prefill and one verification forward per step.
+
+The target KV holds every committed token except the last one, r. A step runs
+one forward over ``[r, s1..sK]`` and yields the committed tokens x_0..x_K for
+the K + 1 positions after r (see ``shared.sampling`` for how they are drawn).
+After j drafts are accepted the KV of ``r, s1..sj`` is kept and the rest dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from shared.modeling import crop_cache
+from shared.protocol import SamplingParams
+from shared.sampling import accept_prefix, logprobs_of, sample_positions
+
+
+@dataclass
+class StepResult:
+    accepted: int  # j, drafts accepted
+    committed: list[int]  # s1..sj followed by the target's token x_j
+    logprobs: list[tuple[float, dict[int, float]]] | None = None
+
+
+@dataclass
+class TargetSequence:
+    request_id: str
+    cache: DynamicCache
+    # Committed tokens whose KV is in ``cache``; the sequence is ids + [root].
+    ids: list[int] = field(default_factory=list)
+    root: int = -1
+
+    @property
+    def length(self) -> int:
+        """Committed tokens including the root."""
+        return len(self.ids) + 1
+
+
+class TargetEngine:
+    def __init__(self, model, device: torch.device, prefill_chunk: int = 512):
+        self.model = model
+        self.device = device
+        self.prefill_chunk = prefill_chunk
+
+    @torch.inference_mode()
+    def _forward(self, seq: TargetSequence, tokens: list[int], start: int) -> torch.Tensor:
+        input_ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
+        position_ids = torch.arange(start, start + len(tokens), device=self.device)[None]
+        out = self.model(input_ids=input_ids, position_ids=position_ids, cache=seq.cache, use_cache=True)
+        return out.logits[0]
+
+    def prefill(self, request_id: str, prompt_ids: list[int]) -> TargetSequence:
+        """Compute the KV of every prompt token but the last, which becomes the root."""
+        seq = TargetSequence(request_id=request_id, cache=DynamicCache(config=self.model.config))
+        body = prompt_ids[:-1]
+        for start in range(0, len(body), self.prefill_chunk):
+            chunk = body[start : start + self.prefill_chunk]
+            # Only the KV matters here; keep just the last position's logits.
+            with torch.inference_mode():
+                self.model(
+                    input_ids=torch.tensor([chunk], device=self.device),
+                    position_ids=torch.arange(start, start + len(chunk), device=self.device)[None],
+                    cache=seq.cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+        seq.ids = list(body)
+        seq.root = prompt_ids[-1]
+        return seq
+
+    def verify(self, seq: TargetSequence, drafts: list[int], params: SamplingParams) -> StepResult:
+        """Verify ``drafts`` after the root; commit the accepted prefix plus one target token."""
+        base_len = len(seq.ids)
+        logits = self._forward(seq, [seq.root] + drafts, base_len)  # [K + 1, V]
+        # Row i predicts the token at position base_len + 1 + i.
+        positions = [base_len + 1 + i for i in range(len(drafts) + 1)]
+        targets = sample_positions(logits, params, positions)
+        accepted = accept_prefix(targets, drafts)
+        committed = drafts[:accepted] + [targets[accepted]]
+        logprobs = None
+        if params.logprobs is not None:
+            logprobs = logprobs_of(logits[: accepted + 1], committed, params.logprobs)
+        seq.ids.append(seq.root)
+        seq.ids.extend(drafts[:accepted])
+        crop_cache(seq.cache, len(seq.ids))
+        seq.root = committed[-1]
+        return StepResult(accepted=accepted, committed=committed, logprobs=logprobs)

@@ -1,0 +1,474 @@
+"""The verify loop: admit requests, verify speculation, commit tokens, fetch the next speculation.
+
+One step of a request, in SSD mode:
+1. tell the draft which speculation [r, s1..sK] is about to be verified
+   (``BuildCacheRequest``), so it builds the cache for that step's outcomes
+   while the target runs;
+2. verify: one target forward, exact acceptance, commit;
+3. stream the committed tokens to the request's events stream, stop if finished;
+4. look up the speculation for the outcome (j, c) in the Redis cache once the
+   draft reports the cache ready; on a miss ask the draft for a just-in-time
+   (JIT) speculation.
+SD mode replaces steps 1 and 4 by a plain draft request after each step, and
+AR mode verifies no drafts at all.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import redis
+
+from services.verify.draft_client import DraftClient
+from services.verify.engine import TargetEngine, TargetSequence
+from services.verify.output import OutputState
+from shared import keys, metrics
+from shared.config import Settings
+from shared.fanout import geometric_fanout
+from shared.protocol import (
+    BuildCacheRequest,
+    CacheEntry,
+    CacheReady,
+    DecodeStats,
+    DraftReply,
+    DraftRequest,
+    ErrorEvent,
+    ErrorReply,
+    FinishEvent,
+    GenerateRequest,
+    PrefillRequest,
+    ProtocolError,
+    ReleaseRequest,
+    TokenEvent,
+    TokenLogprob,
+    Usage,
+    decode,
+    encode,
+)
+
+logger = logging.getLogger("saguaro.verify")
+
+
+@dataclass
+class ActiveRequest:
+    request: GenerateRequest
+    message_id: bytes
+    seq: TargetSequence
+    output: OutputState
+    stats: DecodeStats
+    admitted_at: float
+    draft_address: str | None = None
+    # Committed tokens the draft is known to hold, counted from the start.
+    draft_anchor: int = 0
+    step: int = 0
+    drafts: list[int] = field(default_factory=list)
+    cache_pending: bool = False
+    first_token_at: float | None = None
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    def committed(self) -> list[int]:
+        return self.seq.ids + [self.seq.root]
+
+
+class AcceptanceEstimate:
+    """Decaying estimate of the per-token acceptance rate a under the capped geometric model."""
+
+    def __init__(self, prior: float, decay: float = 0.98, prior_weight: float = 5.0):
+        self.decay = decay
+        self.accepted = prior * prior_weight
+        self.rejected = (1.0 - prior) * prior_weight
+
+    def observe(self, accepted: int, drafted: int) -> None:
+        self.accepted = self.accepted * self.decay + accepted
+        self.rejected = self.rejected * self.decay + (1 if accepted < drafted else 0)
+
+    @property
+    def rate(self) -> float:
+        return min(0.95, max(0.05, self.accepted / (self.accepted + self.rejected)))
+
+
+class VerifyWorker:
+    def __init__(self, settings: Settings, engine: TargetEngine, tokenizer, eos_ids: set[int], client: redis.Redis, drafts: DraftClient | None, replica_id: str):
+        self.settings = settings
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.eos_ids = eos_ids
+        self.redis = client
+        self.drafts = drafts
+        self.replica_id = replica_id
+        self.ns = settings.namespace
+        self.k = settings.num_speculative_tokens
+        self.active: list[ActiveRequest] = []
+        self.stopped = threading.Event()
+        self.acceptance = AcceptanceEstimate(settings.fanout_acceptance_rate)
+        self.stream = keys.request_stream(self.ns)
+        self.ensure_group()
+
+    # -- admission ---------------------------------------------------------------
+
+    def ensure_group(self) -> None:
+        try:
+            self.redis.xgroup_create(self.stream, keys.REQUEST_GROUP, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def admit(self) -> None:
+        free = self.settings.max_num_seqs - len(self.active)
+        if free <= 0:
+            return
+        block_ms = None if self.active else 500
+        try:
+            batches = self.redis.xreadgroup(keys.REQUEST_GROUP, self.replica_id, {self.stream: ">"}, count=free, block=block_ms)
+        except redis.ResponseError as exc:
+            if "NOGROUP" in str(exc):
+                self.ensure_group()
+                return
+            raise
+        for _, entries in batches or []:
+            for message_id, fields in entries:
+                self.start(message_id, fields)
+
+    def start(self, message_id: bytes, fields: dict) -> None:
+        try:
+            request = decode(fields[b"msg"])
+            if not isinstance(request, GenerateRequest):
+                raise ProtocolError(f"expected a generate message, got {request.type}")
+        except (KeyError, ProtocolError) as exc:
+            logger.error("dropping invalid request stream entry %s: %s", message_id, exc)
+            self.redis.xack(self.stream, keys.REQUEST_GROUP, message_id)
+            return
+        rid = request.request_id
+        prompt_len = len(request.prompt_token_ids)
+        if prompt_len >= self.settings.max_model_len:
+            self.fail(rid, message_id, f"prompt has {prompt_len} tokens; the maximum context is {self.settings.max_model_len}", "invalid_request")
+            return
+        logger.info("request %s admitted: %d prompt tokens, max_tokens %d", rid, prompt_len, request.sampling.max_tokens, extra={"request_id": rid})
+        admitted_at = time.time()
+        draft_address = None
+        if self.settings.mode != "ar" and self.drafts is not None:
+            draft_address = self.drafts.assign()
+            if draft_address is None:
+                logger.warning("request %s: no draft replica is alive; decoding without speculation", rid, extra={"request_id": rid})
+            else:
+                self.drafts.track(rid)
+                self.drafts.send(draft_address, PrefillRequest(request_id=rid, prompt_token_ids=request.prompt_token_ids, k=self.k))
+        self.redis.hset(keys.state(self.ns, rid), mapping={"status": "running", "verify": self.replica_id, "draft": draft_address or ""})
+        try:
+            seq = self.engine.prefill(rid, request.prompt_token_ids)
+        except Exception as exc:
+            logger.exception("request %s: prefill failed", rid, extra={"request_id": rid})
+            self.fail(rid, message_id, f"prefill failed: {exc}", "internal_error")
+            if self.drafts is not None:
+                self.release_draft(rid, draft_address)
+            return
+        metrics.PROMPT_TOKENS.inc(prompt_len)
+        output = OutputState(self.tokenizer, request.sampling, self.eos_ids, prompt_len, self.settings.max_model_len)
+        active = ActiveRequest(
+            request=request,
+            message_id=message_id,
+            seq=seq,
+            output=output,
+            stats=DecodeStats(mode=self.settings.mode, accepted_per_pos=[0] * self.k),
+            admitted_at=admitted_at,
+            draft_address=draft_address,
+            draft_anchor=prompt_len - 1,
+        )
+        if draft_address is not None:
+            active.drafts = self.await_draft(active, 0)
+        self.active.append(active)
+        metrics.REQUESTS_RUNNING.set(len(self.active))
+
+    # -- the loop ------------------------------------------------------------------
+
+    def run(self) -> None:
+        logger.info("verify loop running in %s mode, K=%d", self.settings.mode, self.k)
+        while not self.stopped.is_set():
+            try:
+                self.admit()
+                for active in list(self.active):
+                    self.advance(active)
+            except redis.ConnectionError as exc:
+                logger.error("lost Redis: %s; retrying in 1 s", exc)
+                time.sleep(1.0)
+        for active in list(self.active):
+            self.finish_abort(active, "verify replica shutting down")
+
+    def advance(self, active: ActiveRequest) -> None:
+        rid = active.request_id
+        try:
+            if self.redis.exists(keys.cancel(self.ns, rid)):
+                logger.info("request %s cancelled by the client", rid, extra={"request_id": rid})
+                self.finish(active, "abort", None)
+                return
+            self.step(active)
+        except Exception as exc:  # one failing request must not stop the others
+            logger.exception("request %s failed at step %d", rid, active.step, extra={"request_id": rid})
+            self.remove(active)
+            self.fail(rid, active.message_id, f"decoding failed: {type(exc).__name__}: {exc}", "internal_error")
+
+    def step(self, active: ActiveRequest) -> None:
+        drafts = active.drafts
+        if self.settings.mode == "ssd" and drafts and active.draft_address is not None:
+            self.request_cache(active)
+        started = time.perf_counter()
+        result = self.engine.verify(active.seq, drafts, active.request.sampling)
+        verify_s = time.perf_counter() - started
+        self.record_step(active, len(drafts), result.accepted, verify_s)
+
+        finished = False
+        committed: list[int] = []
+        for token in result.committed:
+            committed.append(token)
+            if active.output.append(token):
+                finished = True
+                break
+        if active.first_token_at is None:
+            active.first_token_at = time.time()
+            active.stats = active.stats.model_copy(update={"ttft_s": active.first_token_at - active.admitted_at})
+            metrics.TIME_TO_FIRST_TOKEN.observe(active.stats.ttft_s)
+        metrics.GENERATION_TOKENS.inc(len(committed))
+        self.emit(active, committed, result.logprobs[: len(committed)] if result.logprobs else None)
+        active.step += 1
+        if finished:
+            finish = active.output.finish
+            self.finish(active, finish.reason, finish.stop_reason)
+            return
+        active.drafts = self.next_speculation(active, result.accepted)
+
+    def record_step(self, active: ActiveRequest, drafted: int, accepted: int, verify_s: float) -> None:
+        stats = active.stats
+        per_pos = list(stats.accepted_per_pos)
+        for position in range(accepted):
+            per_pos[position] += 1
+            metrics.NUM_ACCEPTED_PER_POS.labels(str(position)).inc()
+        active.stats = stats.model_copy(
+            update={
+                "steps": stats.steps + 1,
+                "accepted_per_pos": per_pos,
+                "drafted_tokens": stats.drafted_tokens + drafted,
+                "accepted_tokens": stats.accepted_tokens + accepted,
+                "verify_s": stats.verify_s + verify_s,
+            }
+        )
+        metrics.VERIFY_TIME.observe(verify_s)
+        if drafted:
+            metrics.NUM_DRAFTS.inc()
+            metrics.NUM_DRAFT_TOKENS.inc(drafted)
+            metrics.NUM_ACCEPTED_TOKENS.inc(accepted)
+            self.acceptance.observe(accepted, drafted)
+
+    # -- speculation ----------------------------------------------------------------
+
+    def fanout(self) -> list[int]:
+        if self.settings.fanout:
+            return list(self.settings.fanout)
+        return geometric_fanout(self.k, self.settings.fanout_budget, self.acceptance.rate, self.settings.fanout_miss_exponent)
+
+    def _tail(self, active: ActiveRequest) -> tuple[int, list[int]]:
+        """Return (base_len, tokens): the committed tokens the draft may lack, ending with the root."""
+        committed = active.committed()
+        base = min(active.draft_anchor, len(committed) - 1)
+        return base, committed[base:]
+
+    def request_cache(self, active: ActiveRequest) -> None:
+        base, tail = self._tail(active)
+        message = BuildCacheRequest(
+            request_id=active.request_id,
+            step=active.step,
+            base_len=base,
+            tokens=tail + active.drafts,
+            root_offset=len(tail) - 1,
+            fanout=self.fanout(),
+            k=self.k,
+            ttl_s=self.settings.cache_ttl_s,
+        )
+        self.drafts.send(active.draft_address, message)
+        active.draft_anchor = len(active.seq.ids)
+        active.cache_pending = True
+
+    def next_speculation(self, active: ActiveRequest, accepted: int) -> list[int]:
+        mode = self.settings.mode
+        if mode == "ar":
+            return []
+        if active.draft_address is None:
+            return self.reattach_draft(active)
+        if mode == "ssd" and active.cache_pending:
+            active.cache_pending = False
+            hit = self.lookup_cache(active, accepted)
+            if hit is not None:
+                return hit
+        return self.jit_draft(active)
+
+    def lookup_cache(self, active: ActiveRequest, accepted: int) -> list[int] | None:
+        """Wait for the draft's cache of the step just verified and look up its outcome."""
+        rid = active.request_id
+        step = active.step - 1
+        started = time.perf_counter()
+        ready = self.drafts.wait(
+            rid,
+            lambda m: (isinstance(m, CacheReady) and m.step == step) or isinstance(m, ErrorReply),
+            self.settings.cache_wait_s,
+        )
+        self.add_wait(active, time.perf_counter() - started)
+        if isinstance(ready, ErrorReply) or ready is None:
+            self.draft_lost(active, ready)
+            return None
+        value = self.redis.get(keys.spec_entry(self.ns, rid, step, accepted, active.seq.root))
+        if value is None:
+            metrics.CACHE_LOOKUPS.labels("miss").inc()
+            active.stats = active.stats.model_copy(update={"cache_misses": active.stats.cache_misses + 1})
+            return None
+        metrics.CACHE_LOOKUPS.labels("hit").inc()
+        active.stats = active.stats.model_copy(update={"cache_hits": active.stats.cache_hits + 1})
+        entry = decode(value)
+        assert isinstance(entry, CacheEntry)
+        return list(entry.tokens)
+
+    def jit_draft(self, active: ActiveRequest) -> list[int]:
+        base, tail = self._tail(active)
+        self.drafts.send(active.draft_address, DraftRequest(request_id=active.request_id, step=active.step, base_len=base, tokens=tail, k=self.k))
+        active.draft_anchor = len(active.seq.ids)
+        if self.settings.mode == "ssd":
+            metrics.BACKUPS.labels("jit").inc()
+        return self.await_draft(active, active.step)
+
+    def await_draft(self, active: ActiveRequest, step: int) -> list[int]:
+        started = time.perf_counter()
+        reply = self.drafts.wait(
+            active.request_id,
+            lambda m: (isinstance(m, DraftReply) and m.step == step) or isinstance(m, ErrorReply),
+            self.settings.draft_timeout_s,
+        )
+        self.add_wait(active, time.perf_counter() - started)
+        if isinstance(reply, DraftReply):
+            return list(reply.tokens)
+        self.draft_lost(active, reply)
+        return []
+
+    def draft_lost(self, active: ActiveRequest, reply: ErrorReply | None) -> None:
+        rid = active.request_id
+        reason = reply.message if reply is not None else "no reply in time"
+        logger.warning("request %s: draft replica %s failed (%s); decoding this step without speculation", rid, active.draft_address, reason, extra={"request_id": rid})
+        self.drafts.unassign(active.draft_address)
+        active.draft_address = None
+        active.cache_pending = False
+
+    def reattach_draft(self, active: ActiveRequest) -> list[int]:
+        """Give a request that lost its draft a new one, rebuilt from the committed sequence."""
+        address = self.drafts.assign()
+        if address is None:
+            return []
+        active.draft_address = address
+        committed = active.committed()
+        self.drafts.send(address, PrefillRequest(request_id=active.request_id, prompt_token_ids=committed, k=self.k, step=active.step))
+        active.draft_anchor = len(committed) - 1
+        return self.await_draft(active, active.step)
+
+    def add_wait(self, active: ActiveRequest, seconds: float) -> None:
+        metrics.DRAFT_WAIT_TIME.observe(seconds)
+        active.stats = active.stats.model_copy(update={"wait_draft_s": active.stats.wait_draft_s + seconds})
+
+    # -- output ---------------------------------------------------------------------
+
+    def emit(self, active: ActiveRequest, tokens: list[int], logprobs) -> None:
+        text = active.output.take_delta()
+        if not tokens and not text:
+            return
+        entries = None
+        if logprobs is not None:
+            entries = [TokenLogprob(token_id=t, logprob=lp, top=top) for t, (lp, top) in zip(tokens, logprobs)]
+        event = TokenEvent(request_id=active.request_id, token_ids=tokens, text=text, logprobs=entries)
+        events_key = keys.events(self.ns, active.request_id)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xadd(events_key, {"msg": encode(event)})
+        pipe.expire(events_key, keys.EVENTS_TTL_S)
+        pipe.hset(keys.state(self.ns, active.request_id), mapping={"steps": active.stats.steps, "completion_tokens": len(active.output.token_ids)})
+        pipe.execute()
+
+    def finish(self, active: ActiveRequest, reason: str, stop_reason) -> None:
+        rid = active.request_id
+        self.remove(active)
+        now = time.time()
+        first = active.first_token_at or now
+        completion = len(active.output.token_ids)
+        stats = active.stats.model_copy(update={"decode_s": now - first})
+        if completion > 1:
+            metrics.TIME_PER_OUTPUT_TOKEN.observe((now - first) / (completion - 1))
+        # Flush text held back while it could still have become a stop string.
+        tail = active.output.take_delta() if active.output.finish is not None else ""
+        events_key = keys.events(self.ns, rid)
+        pipe = self.redis.pipeline(transaction=False)
+        if tail:
+            pipe.xadd(events_key, {"msg": encode(TokenEvent(request_id=rid, token_ids=[], text=tail))})
+        finish = FinishEvent(
+            request_id=rid,
+            finish_reason=reason,
+            usage=Usage(prompt_tokens=len(active.request.prompt_token_ids), completion_tokens=completion),
+            stats=stats,
+            stop_reason=stop_reason,
+        )
+        pipe.xadd(events_key, {"msg": encode(finish)})
+        pipe.expire(events_key, keys.EVENTS_TTL_S)
+        pipe.hset(keys.state(self.ns, rid), mapping={
+            "status": "finished",
+            "finish_reason": reason,
+            "steps": stats.steps,
+            "hits": stats.cache_hits,
+            "misses": stats.cache_misses,
+            "completion_tokens": completion,
+        })
+        pipe.expire(keys.state(self.ns, rid), keys.EVENTS_TTL_S)
+        pipe.srem(keys.inflight(self.ns), rid)
+        pipe.xack(self.stream, keys.REQUEST_GROUP, active.message_id)
+        pipe.execute()
+        self.release_draft(rid, active.draft_address)
+        metrics.REQUESTS_FINISHED.labels(reason).inc()
+        logger.info(
+            "request %s finished (%s): %d tokens in %d steps, %d hits, %d misses",
+            rid, reason, completion, stats.steps, stats.cache_hits, stats.cache_misses, extra={"request_id": rid},
+        )
+
+    def finish_abort(self, active: ActiveRequest, why: str) -> None:
+        logger.info("request %s aborted: %s", active.request_id, why, extra={"request_id": active.request_id})
+        self.finish(active, "abort", None)
+
+    def remove(self, active: ActiveRequest) -> None:
+        if active in self.active:
+            self.active.remove(active)
+        metrics.REQUESTS_RUNNING.set(len(self.active))
+
+    def release_draft(self, rid: str, address: str | None) -> None:
+        if self.drafts is None:
+            return
+        if address is not None:
+            self.drafts.send(address, ReleaseRequest(request_id=rid))
+            self.drafts.unassign(address)
+        self.drafts.forget(rid)
+        # Entries of the last steps would expire on their own; drop them now.
+        stale = list(self.redis.scan_iter(match=keys.spec_pattern(self.ns, rid), count=1000))
+        if stale:
+            self.redis.delete(*stale)
+
+    def fail(self, rid: str, message_id: bytes, message: str, code: str) -> None:
+        logger.error("request %s failed: %s", rid, message, extra={"request_id": rid})
+        events_key = keys.events(self.ns, rid)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xadd(events_key, {"msg": encode(ErrorEvent(request_id=rid, message=message, code=code))})
+        pipe.expire(events_key, keys.EVENTS_TTL_S)
+        pipe.hset(keys.state(self.ns, rid), mapping={"status": "failed"})
+        pipe.srem(keys.inflight(self.ns), rid)
+        pipe.xack(self.stream, keys.REQUEST_GROUP, message_id)
+        pipe.execute()
+        metrics.REQUESTS_FINISHED.labels("error").inc()
+
+
+def new_request_id() -> str:
+    return f"req-{uuid.uuid4().hex}"
