@@ -1,0 +1,52 @@
+# Saguaro: speculative speculative decoding server.
+# `make demo` sets everything up and answers HumanEval prompts; `make test` runs the test suite.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+# The CPU build of torch; set TORCH_SPEC=torch for a CUDA machine.
+TORCH_SPEC ?= torch==2.13.0
+MODEL_DIR ?= $(HOME)/.cache/saguaro/models
+PYTEST_ARGS ?=
+
+export SAGUARO_MODEL_DIR := $(MODEL_DIR)
+
+.PHONY: setup venv models serve demo test test-fast bench proto clean
+
+setup: venv models
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet "$(TORCH_SPEC)"
+	$(PIP) install --quiet -e ".[test,bench]"
+	# transformers 5 lists `kernels`, which loads kernels from a model hub; Saguaro never uses it.
+	$(PIP) uninstall --quiet --yes kernels || true
+	touch $@
+
+models: venv
+	$(PY) -m shared.model_store --all --check-tokenizers
+
+serve: setup
+	$(PY) -m services.cli serve
+
+demo: setup
+	$(PY) -m services.cli demo
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: venv
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) -m bench.run_bench
+
+proto: venv
+	$(PY) -m shared.proto.generate
+
+clean:
+	rm -rf $(VENV) logs .pytest_cache

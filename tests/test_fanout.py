@@ -1,0 +1,52 @@
+"""Fan-out allocation against hand-computed cases."""
+
+import pytest
+
+from shared.fanout import acceptance_length_probs, geometric_fanout, round_to_budget, uniform_fanout
+
+
+def test_acceptance_length_probs_sum_to_one():
+    probs = acceptance_length_probs(5, 0.7)
+    assert len(probs) == 6
+    assert sum(probs) == pytest.approx(1.0)
+    assert probs[5] == pytest.approx(0.7**5)
+
+
+@pytest.mark.parametrize(
+    "rate, expected",
+    [
+        # K=7, B=24, r=1, worked by hand: weights sqrt(P(j)) scaled to 24, largest remainder.
+        (0.6, [6, 5, 4, 3, 2, 2, 1, 1]),
+        (0.8, [4, 3, 3, 3, 3, 2, 2, 4]),
+    ],
+)
+def test_geometric_fanout_hand_cases(rate, expected):
+    assert geometric_fanout(7, 24, rate, 1.0) == expected
+
+
+def test_geometric_fanout_sums_to_budget():
+    for k in range(1, 9):
+        for budget in (1, 5, 8, 24, 64):
+            assert sum(geometric_fanout(k, budget, 0.75, 1.5)) == budget
+
+
+def test_larger_miss_exponent_flattens_allocation():
+    steep = geometric_fanout(4, 40, 0.5, 0.2)
+    flat = geometric_fanout(4, 40, 0.5, 5.0)
+    assert steep[0] - steep[3] > flat[0] - flat[3]
+
+
+def test_uniform_fanout():
+    assert uniform_fanout(3, 8) == [2, 2, 2, 2]
+    assert uniform_fanout(3, 10) == [3, 3, 2, 2]
+
+
+def test_round_to_budget_rejects_zero_weights():
+    with pytest.raises(ValueError):
+        round_to_budget([0.0, 0.0], 4)
+
+
+@pytest.mark.parametrize("rate", [0.0, 1.0, -0.1])
+def test_geometric_fanout_rejects_bad_rate(rate):
+    with pytest.raises(ValueError):
+        geometric_fanout(3, 8, rate, 1.0)
