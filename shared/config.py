@@ -38,6 +38,11 @@ class Settings(BaseSettings):
     draft_model: str = Field(str(default_model_dir() / "qwen2.5-coder-0.5b-instruct"), description="Hugging Face causal-LM directory of the draft model")
     served_model_name: str = Field("", description="model id shown by /v1/models; empty means the target directory's name")
     dtype: DType = Field("bfloat16", description="weight and activation dtype of both models")
+    draft_quantization: Literal["none", "int8"] = Field(
+        "int8",
+        description="int8: dynamic int8 quantization of the draft's linear layers on CPU (about 3x faster on this kind of machine); "
+        "the draft only proposes tokens, so this changes speed, never the output",
+    )
     max_model_len: int = Field(4096, ge=16, description="maximum prompt plus completion length in tokens")
 
     # Decoding.

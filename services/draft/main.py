@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from shared.config import add_settings_flags, settings_from_args
-from shared.modeling import load_causal_lm, load_tokenizer, place_process, tokenizer_fingerprint
+from shared.modeling import load_causal_lm, load_tokenizer, place_process, quantize_int8, tokenizer_fingerprint
 from shared.protocol import ReplicaInfo
 from shared.service import Heartbeat, connect_redis, default_replica_id, now, setup_logging, start_health_server
 
@@ -39,7 +39,10 @@ def main(argv: list[str] | None = None) -> int:
         device = place_process(settings.draft_device, settings.draft_threads, settings.draft_cpus)
         tokenizer = load_tokenizer(settings.draft_model)
         check_tokenizer_against_target(settings, tokenizer)
-        model = load_causal_lm(settings.draft_model, settings.dtype, device)
+        if settings.draft_quantization == "int8" and device.type == "cpu":
+            model = quantize_int8(load_causal_lm(settings.draft_model, "float32", device))
+        else:
+            model = load_causal_lm(settings.draft_model, settings.dtype, device)
         client = connect_redis(settings.redis_url)
     except (FileNotFoundError, ValueError, ConnectionError) as exc:
         logger.error("draft service cannot start: %s", exc)
