@@ -46,7 +46,7 @@ bench: setup
 	$(PY) -m bench.run_bench
 
 proto: venv
-	$(PY) -m shared.proto.generate
+	$(PY) scripts/gen_proto.py
 
 clean:
 	rm -rf $(VENV) logs .pytest_cache
