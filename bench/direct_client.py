@@ -1,4 +1,4 @@
-"""Helpers for integration tests: submit requests straight to the Redis request stream and read events back."""
+"""Submit requests straight to the Redis request stream and read their events back, bypassing the gateway (benchmarks and tests)."""
 
 from __future__ import annotations
 

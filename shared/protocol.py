@@ -99,6 +99,8 @@ class DecodeStats(_Message):
     decode_s: float = 0.0
     verify_s: float = 0.0
     wait_draft_s: float = 0.0
+    # Draft time to build the speculation cache, summed over the steps whose cache was looked up.
+    cache_build_s: float = 0.0
 
 
 class FinishEvent(_Message):

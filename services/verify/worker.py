@@ -321,6 +321,7 @@ class VerifyWorker:
         if isinstance(ready, ErrorReply) or ready is None:
             self.draft_lost(active, ready)
             return None
+        active.stats = active.stats.model_copy(update={"cache_build_s": active.stats.cache_build_s + ready.build_s})
         value = self.redis.get(keys.spec_entry(self.ns, rid, step, accepted, active.seq.root))
         if value is None:
             metrics.CACHE_LOOKUPS.labels("miss").inc()

@@ -1,0 +1,258 @@
+"""Compare AR, SD and SSD decoding (and Hugging Face assisted generation) on the same prompts in one run.
+
+Each Saguaro mode runs as a real deployment: the draft and verify services as
+separate processes (target on one core, draft on the other) and requests sent
+through the Redis request stream, as the gateway does. Every request generates
+exactly ``--max-tokens`` tokens (EOS ignored), greedy. Hugging Face assisted
+generation (``generate(assistant_model=...)``) runs in this process on the
+verify core with one thread, on the same model directories.
+
+Writes ``bench/results/<name>.json`` and ``bench/results/<name>.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPT_SETS = {
+    "humaneval": (ROOT / "bench" / "data" / "humaneval.jsonl", "prompt"),
+    "gsm8k": (ROOT / "bench" / "data" / "gsm8k.jsonl", "question"),
+}
+
+logger = logging.getLogger("saguaro.bench")
+
+
+def machine_description() -> str:
+    model = "unknown CPU"
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines():
+            if line.startswith("Model name:"):
+                model = line.split(":", 1)[1].strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    import torch
+
+    return f"{model}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python {platform.python_version()}, torch {torch.__version__}"
+
+
+def load_prompts(name: str, count: int) -> list[str]:
+    path, field = PROMPT_SETS[name]
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [row[field] for row in rows[:count]]
+
+
+def run_saguaro_mode(label: str, env: dict[str, str], prompts: list[list[int]], max_tokens: int, log_dir: Path) -> dict:
+    import redis
+
+    from bench.direct_client import generate
+    from services.launcher import Stack
+
+    namespace = f"bench-{uuid.uuid4().hex[:8]}"
+    env = {**env, "SAGUARO_NAMESPACE": namespace}
+    requests = []
+    with Stack(env=env, services=("draft", "verify"), log_dir=log_dir / label, start_timeout_s=600) as stack:
+        client = redis.Redis.from_url(stack.redis_url)
+        # One short warm-up request so first-call allocations are not timed.
+        generate(client, namespace, prompts[0], temperature=0.0, max_tokens=4, ignore_eos=True, timeout_s=600)
+        for index, prompt_ids in enumerate(prompts):
+            started = time.perf_counter()
+            result = generate(client, namespace, prompt_ids, temperature=0.0, max_tokens=max_tokens, ignore_eos=True, timeout_s=1800)
+            wall = time.perf_counter() - started
+            if result.finish is None:
+                raise RuntimeError(f"{label}: request {index} failed: {result.error}")
+            stats = result.finish.stats
+            requests.append({
+                "tokens": result.token_ids,
+                "completion_tokens": result.finish.usage.completion_tokens,
+                "wall_s": wall,
+                "ttft_s": stats.ttft_s,
+                "decode_s": stats.decode_s,
+                "steps": stats.steps,
+                "accepted_tokens": stats.accepted_tokens,
+                "drafted_tokens": stats.drafted_tokens,
+                "accepted_per_pos": stats.accepted_per_pos,
+                "cache_hits": stats.cache_hits,
+                "cache_misses": stats.cache_misses,
+                "verify_s": stats.verify_s,
+                "wait_draft_s": stats.wait_draft_s,
+                "cache_build_s": getattr(stats, "cache_build_s", 0.0),
+            })
+            logger.info("%s prompt %d: %.2f tokens/s decode, %d steps", label, index, (len(result.token_ids) - 1) / max(stats.decode_s, 1e-9), stats.steps)
+    return summarize(label, requests)
+
+
+def run_hf_assisted(target_dir: str, draft_dir: str, prompts: list[list[int]], max_tokens: int, cpus: str) -> dict:
+    import torch
+
+    from shared.modeling import load_causal_lm, place_process
+
+    device = place_process("cpu", 1, cpus)
+    target = load_causal_lm(target_dir, "bfloat16", device)
+    draft = load_causal_lm(draft_dir, "bfloat16", device)
+    requests = []
+    for index, prompt_ids in enumerate(prompts):
+        ids = torch.tensor([prompt_ids])
+        mask = torch.ones_like(ids)
+        common = {"attention_mask": mask, "do_sample": False, "assistant_model": draft, "eos_token_id": None, "pad_token_id": 0}
+        started = time.perf_counter()
+        target.generate(ids, max_new_tokens=1, min_new_tokens=1, **common)
+        prefill_s = time.perf_counter() - started
+        started = time.perf_counter()
+        out = target.generate(ids, max_new_tokens=max_tokens, min_new_tokens=max_tokens, **common)
+        wall = time.perf_counter() - started
+        tokens = out[0, len(prompt_ids):].tolist()
+        requests.append({
+            "tokens": tokens,
+            "completion_tokens": len(tokens),
+            "wall_s": wall,
+            "ttft_s": prefill_s,
+            "decode_s": max(wall - prefill_s, 1e-9),
+        })
+        logger.info("hf-assisted prompt %d: %.2f tokens/s end to end", index, len(tokens) / wall)
+    return summarize("hf-assisted", requests)
+
+
+def summarize(label: str, requests: list[dict]) -> dict:
+    completion = sum(r["completion_tokens"] for r in requests)
+    wall = sum(r["wall_s"] for r in requests)
+    decode = sum(r["decode_s"] for r in requests)
+    steps = sum(r.get("steps", 0) for r in requests)
+    summary = {
+        "label": label,
+        "requests": requests,
+        "completion_tokens": completion,
+        "tokens_per_s": completion / wall,
+        "decode_tokens_per_s": sum(r["completion_tokens"] - 1 for r in requests) / decode,
+        "mean_ttft_s": sum(r["ttft_s"] for r in requests) / len(requests),
+    }
+    if steps:
+        hits = sum(r["cache_hits"] for r in requests)
+        misses = sum(r["cache_misses"] for r in requests)
+        per_pos = [sum(values) for values in zip(*(r["accepted_per_pos"] for r in requests))]
+        summary.update({
+            "steps": steps,
+            "mean_acceptance_length": completion / steps,
+            "acceptance_rate_per_position": [count / steps for count in per_pos],
+            "cache_hit_rate": hits / (hits + misses) if hits + misses else None,
+            "verify_ms_per_step": 1000 * sum(r["verify_s"] for r in requests) / steps,
+            "draft_wait_ms_per_step": 1000 * sum(r["wait_draft_s"] for r in requests) / steps,
+            "cache_build_ms_per_step": 1000 * sum(r["cache_build_s"] for r in requests) / max(1, hits + misses),
+        })
+    return summary
+
+
+def render_markdown(result: dict) -> str:
+    runs = result["runs"]
+    ar = next((r for r in runs if r["label"].startswith("ar")), None)
+    lines = [
+        f"# Benchmark {result['name']}",
+        "",
+        f"- command: `{result['command']}`",
+        f"- machine: {result['machine']}",
+        f"- prompts: {result['num_prompts']} from {result['prompt_set']}, {result['max_tokens']} new tokens each (EOS ignored), greedy",
+        f"- placement: {result['placement']}",
+        f"- models: target `{result['target_model']}` (bfloat16), draft `{result['draft_model']}` ({result['draft_precision']})",
+        f"- started {result['started']}, took {result['elapsed_s'] / 60:.1f} min",
+        "",
+        "| mode | tokens/s (end to end) | decode tokens/s | vs AR (decode) | mean acceptance length | cache hit rate | verify ms/step | draft wait ms/step | cache build ms/step | TTFT s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for run in runs:
+        ratio = f"{run['decode_tokens_per_s'] / ar['decode_tokens_per_s']:.2f}x" if ar else "-"
+        hit = run.get("cache_hit_rate")
+        lines.append(
+            f"| {run['label']} | {run['tokens_per_s']:.2f} | {run['decode_tokens_per_s']:.2f} | {ratio} | "
+            f"{run.get('mean_acceptance_length', float('nan')):.2f} | {'-' if hit is None else f'{hit:.0%}'} | "
+            f"{run.get('verify_ms_per_step', float('nan')):.0f} | {run.get('draft_wait_ms_per_step', float('nan')):.0f} | "
+            f"{run.get('cache_build_ms_per_step', float('nan')):.0f} | {run['mean_ttft_s']:.2f} |"
+        )
+    lines += ["", "Ratios (decode tokens/s, same run):", ""]
+    for name, value in result["ratios"].items():
+        lines.append(f"- {name}: {value:.2f}")
+    lines += ["", f"Greedy outputs identical across Saguaro modes: {result['outputs_identical']}", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench.run_bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--prompt-set", choices=sorted(PROMPT_SETS), default="humaneval")
+    parser.add_argument("--num-prompts", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--modes", default="ar,sd,ssd,hf", help="comma-separated: ar, sd, ssd, hf (Hugging Face assisted generation)")
+    parser.add_argument("--sd-k", type=int, default=4, help="K in SD mode")
+    parser.add_argument("--ssd-k", type=int, default=4, help="K in SSD mode")
+    parser.add_argument("--fanout-budget", type=int, default=8, help="MQ_LEN in SSD mode")
+    parser.add_argument("--name", default="", help="result file name (default: <prompt set>-<date>)")
+    parser.add_argument("--out-dir", default=str(ROOT / "bench" / "results"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    from transformers import AutoTokenizer
+
+    from services.launcher import default_cpu_split
+    from shared.config import Settings
+
+    settings = Settings()
+    tokenizer = AutoTokenizer.from_pretrained(settings.target_model)
+    prompts = [tokenizer(text)["input_ids"] for text in load_prompts(args.prompt_set, args.num_prompts)]
+    verify_cpus, draft_cpus = default_cpu_split()
+    name = args.name or f"{args.prompt_set}-{time.strftime('%Y%m%d-%H%M')}"
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log_dir = ROOT / "logs" / "bench" / name
+    started = time.time()
+
+    runs = []
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    for mode in modes:
+        if mode == "hf":
+            runs.append(run_hf_assisted(settings.target_model, settings.draft_model, prompts, args.max_tokens, verify_cpus))
+            continue
+        k = args.sd_k if mode == "sd" else args.ssd_k
+        env = {"SAGUARO_MODE": mode, "SAGUARO_NUM_SPECULATIVE_TOKENS": str(k), "SAGUARO_FANOUT_BUDGET": str(args.fanout_budget)}
+        label = mode if mode == "ar" else f"{mode} K={k}"
+        runs.append(run_saguaro_mode(label, env, prompts, args.max_tokens, log_dir))
+
+    by_mode = {run["label"].split()[0]: run for run in runs}
+    ratios = {}
+    for numerator, denominator in (("ssd", "ar"), ("ssd", "sd"), ("sd", "ar"), ("ssd", "hf-assisted")):
+        if numerator in by_mode and denominator in by_mode:
+            key = "decode_tokens_per_s" if denominator != "hf-assisted" else "tokens_per_s"
+            ratios[f"{numerator}/{denominator}" + (" (end to end)" if denominator == "hf-assisted" else "")] = by_mode[numerator][key] / by_mode[denominator][key]
+    saguaro_outputs = [[r["tokens"] for r in run["requests"]] for run in runs if run["label"] != "hf-assisted"]
+    result = {
+        "name": name,
+        "command": "python -m bench.run_bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
+        "machine": machine_description(),
+        "placement": f"verify on CPU {verify_cpus or 'any'}, draft on CPU {draft_cpus or 'any'}, one torch thread each; HF assisted on CPU {verify_cpus or 'any'}",
+        "prompt_set": args.prompt_set,
+        "num_prompts": len(prompts),
+        "max_tokens": args.max_tokens,
+        "target_model": settings.target_model,
+        "draft_model": settings.draft_model,
+        "draft_precision": "int8 dynamic quantization" if settings.draft_quantization == "int8" else settings.dtype,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
+        "elapsed_s": time.time() - started,
+        "runs": runs,
+        "ratios": ratios,
+        "outputs_identical": all(outputs == saguaro_outputs[0] for outputs in saguaro_outputs) if saguaro_outputs else None,
+    }
+    (out_dir / f"{name}.json").write_text(json.dumps(result, indent=1))
+    (out_dir / f"{name}.md").write_text(render_markdown(result))
+    print(render_markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
