@@ -1,8 +1,13 @@
-"""Tiny random-weight Qwen2 models with a word-level tokenizer, for fast tests of mechanics and exactness.
+"""Tiny random-weight models with a word-level tokenizer, for fast tests of mechanics and exactness.
 
 Token i < 126 is the word ``w{i}``; 126 is ``<s>`` and 127 is ``</s>`` (EOS).
 The draft is the target with noise added to its weights, so it agrees with the
 target often but not always: both cache hits and misses occur.
+
+The saved pair uses the Llama architecture: transformers 5 loads a Qwen2
+checkpoint's tokenizer as Qwen2Tokenizer (byte-level BPE), which cannot carry
+the word-level test vocabulary, while for Llama it keeps the saved tokenizer.
+In-process tests use Qwen2, the architecture of the default models.
 """
 
 from __future__ import annotations
@@ -11,16 +16,17 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 TINY_VOCAB = 128
 EOS_ID = 127
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
 
 
-def tiny_qwen2(seed: int, layers: int = 2, hidden: int = 64, vocab: int = TINY_VOCAB) -> Qwen2ForCausalLM:
-    """Return a random Qwen2 model in fp32; the same seed gives the same weights."""
-    config = Qwen2Config(
+def tiny_qwen2(seed: int, layers: int = 2, hidden: int = 64, vocab: int = TINY_VOCAB, arch: str = "qwen2"):
+    """Return a random Qwen2 (or Llama) model in fp32; the same seed gives the same weights."""
+    config_class, model_class = (Qwen2Config, Qwen2ForCausalLM) if arch == "qwen2" else (LlamaConfig, LlamaForCausalLM)
+    config = config_class(
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=hidden * 2,
@@ -33,7 +39,7 @@ def tiny_qwen2(seed: int, layers: int = 2, hidden: int = 64, vocab: int = TINY_V
         bos_token_id=EOS_ID - 1,
     )
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(config)
+    model = model_class(config)
     # Sharpen the output distribution so greedy continuations vary and rarely tie.
     with torch.no_grad():
         model.lm_head.weight.mul_(8.0)
@@ -55,8 +61,8 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 def save_tiny_pair(directory: Path, draft_noise: float = 0.02) -> tuple[Path, Path]:
     """Write a target and a draft model directory under ``directory``; return their paths."""
     target_dir, draft_dir = directory / "tiny-target", directory / "tiny-draft"
-    target = tiny_qwen2(seed=11)
-    draft = tiny_qwen2(seed=11)
+    target = tiny_qwen2(seed=11, arch="llama")
+    draft = tiny_qwen2(seed=11, arch="llama")
     generator = torch.Generator().manual_seed(12)
     with torch.no_grad():
         for param in draft.parameters():

@@ -38,6 +38,8 @@ class DraftSequence:
     # candidates[i]: the draft's top MAX_CANDIDATES next tokens after ids[: i + 1], best first.
     candidates: list[list[int]] = field(default_factory=list)
     last_used: float = field(default_factory=time.monotonic)
+    # Redis keys of the speculation-cache entries published for the latest step.
+    published_keys: list[str] = field(default_factory=list)
 
     def crop(self, length: int) -> None:
         if length < len(self.ids):

@@ -90,6 +90,9 @@ class DraftServer:
         if isinstance(message, BuildCacheRequest):
             return self.build_cache(message)
         if isinstance(message, ReleaseRequest):
+            seq = self.engine.sequences.get(message.request_id)
+            if seq is not None and seq.published_keys:
+                self.redis.delete(*seq.published_keys)
             self.engine.release(message.request_id)
             return None
         return ErrorReply(request_id=getattr(message, "request_id", ""), code="invalid", message=f"the draft service does not handle {message.type} messages")
@@ -117,6 +120,7 @@ class DraftServer:
         seq = self._sequence(message.request_id, message.base_len)
         self.engine.sync(seq, message.base_len, message.tokens)
         tokens = self.engine.draft(seq, message.k)
+        self.drop_published(seq)
         return DraftReply(request_id=message.request_id, step=message.step, tokens=tokens, elapsed_s=time.perf_counter() - started)
 
     def build_cache(self, message: BuildCacheRequest) -> CacheReady:
@@ -125,9 +129,14 @@ class DraftServer:
         started = time.perf_counter()
         ttl_ms = max(1, int(message.ttl_s * 1000))
         pipe = self.redis.pipeline(transaction=False)
+        # A new step makes the previous step's entries unreachable: replace them.
+        if seq.published_keys:
+            pipe.delete(*seq.published_keys)
+        seq.published_keys = []
         for branch in build.branches:
             key = keys.spec_entry(self.namespace, message.request_id, message.step, branch.accepted, branch.token)
             pipe.set(key, encode(CacheEntry(tokens=branch.tokens)), px=ttl_ms)
+            seq.published_keys.append(key)
         pipe.execute()
         publish_s = time.perf_counter() - started
         metrics.CACHE_ENTRIES.inc(len(build.branches))
@@ -143,10 +152,16 @@ class DraftServer:
             publish_s=publish_s,
         )
 
+    def drop_published(self, seq) -> None:
+        if seq.published_keys:
+            self.redis.delete(*seq.published_keys)
+            seq.published_keys = []
+
     def evict_idle(self) -> None:
         cutoff = time.monotonic() - IDLE_SEQUENCE_S
         for request_id, seq in list(self.engine.sequences.items()):
             if seq.last_used < cutoff:
                 logger.info("dropping idle sequence of request %s", request_id, extra={"request_id": request_id})
+                self.drop_published(seq)
                 self.engine.release(request_id)
         metrics.DRAFT_SEQUENCES.set(len(self.engine.sequences))

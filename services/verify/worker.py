@@ -452,11 +452,8 @@ class VerifyWorker:
         if address is not None:
             self.drafts.send(address, ReleaseRequest(request_id=rid))
             self.drafts.unassign(address)
+        # The draft deletes the request's cache entries when it handles the release.
         self.drafts.forget(rid)
-        # Entries of the last steps would expire on their own; drop them now.
-        stale = list(self.redis.scan_iter(match=keys.spec_pattern(self.ns, rid), count=1000))
-        if stale:
-            self.redis.delete(*stale)
 
     def fail(self, rid: str, message_id: bytes, message: str, code: str) -> None:
         logger.error("request %s failed: %s", rid, message, extra={"request_id": rid})
