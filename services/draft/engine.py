@@ -1,11 +1,11 @@
 """Draft model runner: per-request KV, greedy drafting and the speculation-cache build.
 
 Building the cache for the step that verifies ``[r, s1..sK]`` runs four steps,
-one function each: glue (one causal forward over the K + 1 tokens under
-verification), fork (the top ``f_j`` draft candidates for the committed token
-after j accepted drafts), tree (K batched forwards that decode every branch at
-once over one shared KV with a tree attention mask) and publish (done by the
-caller, which writes the entries to Redis).
+one function each. Glue is one causal forward over the K + 1 tokens under
+verification. Fork picks the top ``f_j`` draft candidates for the committed
+token after j accepted drafts. Tree runs K batched forwards that decode every
+branch at once over one shared KV with a tree attention mask. Publish, done by
+the caller, writes the entries to Redis.
 
 Positions: the committed sequence before r has ``base_len`` tokens, so r sits
 at position ``base_len`` and s_i at ``base_len + i``. Branch (j, c) continues
@@ -111,10 +111,10 @@ class DraftEngine:
         ``base_len`` tokens must be ones the sequence has seen.
         """
         if base_len > len(seq.ids):
-            raise ValueError(f"base_len {base_len} is beyond the {len(seq.ids)} tokens the draft holds for request {seq.request_id}")
+            raise ValueError(f"invalid base_len {base_len}: the draft has only {len(seq.ids)} tokens of request {seq.request_id}")
         keep = base_len
-        for held, wanted in zip(seq.ids[base_len:], tokens):
-            if held != wanted:
+        for cached, expected in zip(seq.ids[base_len:], tokens):
+            if cached != expected:
                 break
             keep += 1
         seq.crop(keep)
