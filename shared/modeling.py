@@ -52,16 +52,22 @@ def place_process(device: str, threads: int, cpus: str) -> torch.device:
     return dev
 
 
-def load_causal_lm(path: str, dtype: str, device: torch.device):
-    """Load a Hugging Face causal LM directory for inference; raise a clear error if it is missing."""
-    from transformers import AutoModelForCausalLM
-
+def require_model_dir(path: str) -> Path:
+    """Return ``path`` as a Path; raise FileNotFoundError with the fix if it holds no model config."""
     directory = Path(path)
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(
             f"model directory {directory} has no config.json; build the default models with "
             f"`saguaro-models` (or `make models`) or point the setting at a Hugging Face model directory"
         )
+    return directory
+
+
+def load_causal_lm(path: str, dtype: str, device: torch.device):
+    """Load a Hugging Face causal LM directory for inference; raise a clear error if it is missing."""
+    from transformers import AutoModelForCausalLM
+
+    directory = require_model_dir(path)
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=DTYPES[dtype], attn_implementation="sdpa", use_kernels=False)
     model.to(device)
     model.eval()
@@ -83,7 +89,7 @@ def quantize_int8(model):
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(require_model_dir(path))
 
 
 def eos_token_ids(model, tokenizer) -> set[int]:

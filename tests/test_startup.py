@@ -1,0 +1,49 @@
+"""Service start-up checks, run as real processes."""
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+
+import pytest
+
+from tests.tiny_models import save_tiny_pair
+
+
+def swap_two_tokens(model_dir) -> None:
+    """Give ``w1`` and ``w2`` each other's ids in the saved tokenizer."""
+    path = model_dir / "tokenizer.json"
+    data = json.loads(path.read_text())
+    vocab = data["model"]["vocab"]
+    vocab["w1"], vocab["w2"] = vocab["w2"], vocab["w1"]
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("service", ["verify", "draft"])
+def test_mismatched_tokenizers_stop_startup(service, tmp_path):
+    target, draft = save_tiny_pair(tmp_path)
+    swap_two_tokens(draft)
+    env = {
+        **os.environ,
+        "SAGUARO_NAMESPACE": f"startup-{uuid.uuid4().hex[:8]}",
+        "SAGUARO_TARGET_MODEL": str(target),
+        "SAGUARO_DRAFT_MODEL": str(draft),
+        "SAGUARO_DTYPE": "float32",
+        "SAGUARO_VERIFY_METRICS_PORT": "0",
+        "SAGUARO_DRAFT_METRICS_PORT": "0",
+        "SAGUARO_DRAFT_BIND": "tcp://127.0.0.1:*",
+    }
+    result = subprocess.run([sys.executable, "-m", f"services.{service}.main"], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "cannot start" in result.stderr
+    assert "w1" in result.stderr
+
+
+def test_missing_model_directory_is_reported(tmp_path):
+    env = {**os.environ, "SAGUARO_TARGET_MODEL": str(tmp_path / "nowhere"), "SAGUARO_MODE": "ar", "SAGUARO_VERIFY_METRICS_PORT": "0"}
+    result = subprocess.run([sys.executable, "-m", "services.verify.main"], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "nowhere" in result.stderr
+    assert "saguaro-models" in result.stderr
+    assert "Traceback" not in result.stderr
