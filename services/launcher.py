@@ -43,9 +43,59 @@ def default_cpu_split() -> tuple[str, str]:
     return str(cpus[0]), str(cpus[1])
 
 
+def replica_name(service: str, index: int) -> str:
+    """Return the process name of replica ``index`` (1-based): the service name for the first, ``{service}-{index}`` after it."""
+    return service if index == 1 else f"{service}-{index}"
+
+
+def service_of(process_name: str) -> str:
+    return process_name.split("-", 1)[0]
+
+
+def replica_overrides(service: str, index: int, count: int, base_env: dict[str, str]) -> dict[str, str]:
+    """Return the settings that replica ``index`` of ``count`` changes in the stack's base environment.
+
+    A service with one replica keeps the base environment. With several, each
+    replica gets the replica id ``{id}-{index}``, where ``id`` is the base
+    SAGUARO_REPLICA_ID or the service name. Replicas after the first get
+    their own free ports: the metrics port for verify and draft, the HTTP
+    port and (when enabled) the gRPC port for the gateway. Such a draft
+    binds ZeroMQ on 127.0.0.1 at a free port and advertises that address,
+    because SAGUARO_DRAFT_ADVERTISE is cleared for it.
+    """
+    if count == 1:
+        return {}
+    overrides = {"SAGUARO_REPLICA_ID": f"{base_env.get('SAGUARO_REPLICA_ID') or service}-{index}"}
+    if index == 1:
+        return overrides
+    if service in ("verify", "draft"):
+        overrides[f"SAGUARO_{service.upper()}_METRICS_PORT"] = str(free_port())
+    if service == "draft":
+        overrides["SAGUARO_DRAFT_BIND"] = f"tcp://127.0.0.1:{free_port()}"
+        overrides["SAGUARO_DRAFT_ADVERTISE"] = ""
+    if service == "gateway":
+        overrides["SAGUARO_GATEWAY_PORT"] = str(free_port())
+        if int(base_env.get("SAGUARO_GRPC_PORT", 0) or 0):
+            overrides["SAGUARO_GRPC_PORT"] = str(free_port())
+    return overrides
+
+
 @dataclass
 class Stack:
-    """Processes of one local deployment; use as a context manager or call ``start``/``stop``."""
+    """Processes of one local deployment; use as a context manager or call ``start``/``stop``.
+
+    ``replicas`` sets how many processes of a service to start, e.g.
+    ``{"verify": 2, "draft": 2}``; a service it omits gets one. Processes are
+    keyed by ``replica_name``: ``processes["verify"]`` is the first verify
+    replica and ``processes["verify-2"]`` the second. ``env`` is the base
+    environment. The first replica of each service runs with it unchanged,
+    except for a replica id when the service has several replicas.
+    ``replica_envs`` contains the full environment of each process.
+
+    NOTE: all replicas of a service are pinned to the same cores
+    (SAGUARO_VERIFY_CPUS or SAGUARO_DRAFT_CPUS, one core each by default),
+    so extra replicas share those cores instead of using more.
+    """
 
     env: dict[str, str] = field(default_factory=dict)
     log_dir: Path = Path("logs")
@@ -53,7 +103,9 @@ class Stack:
     start_timeout_s: float = 300.0
     redis_url: str | None = None
     gateway_port: int = 0
+    replicas: dict[str, int] = field(default_factory=dict)
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    replica_envs: dict[str, dict[str, str]] = field(default_factory=dict)
     _redis_process: subprocess.Popen | None = None
 
     def __enter__(self) -> "Stack":
@@ -66,6 +118,12 @@ class Stack:
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.gateway_port}"
+
+    def replica_count(self, service: str) -> int:
+        count = self.replicas.get(service, 1)
+        if count < 1:
+            raise ValueError(f"replicas[{service!r}] is {count}; a started service needs at least 1 replica")
+        return count
 
     def _resolve_redis(self) -> str:
         candidates = [self.redis_url, os.environ.get("REDIS_URL"), os.environ.get("SAGUARO_REDIS_URL"), "redis://127.0.0.1:6379/0"]
@@ -93,7 +151,24 @@ class Stack:
         return url
 
     def start(self) -> None:
+        unknown = sorted(set(self.replicas) - set(SERVICES))
+        if unknown:
+            raise ValueError(f"replicas contains unknown services {', '.join(unknown)}; valid services are {', '.join(SERVICES)}")
+        for service in self.services:
+            self.replica_count(service)
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.env = self._base_env()
+        try:
+            for service in self.services:
+                count = self.replica_count(service)
+                for index in range(1, count + 1):
+                    self._start_replica(service, index, count)
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _base_env(self) -> dict[str, str]:
         base_env = dict(os.environ)
         base_env.update(self.env)
         base_env["SAGUARO_REDIS_URL"] = self._resolve_redis()
@@ -107,47 +182,72 @@ class Stack:
         base_env.setdefault("SAGUARO_DRAFT_BIND", f"tcp://127.0.0.1:{free_port()}")
         base_env.setdefault("SAGUARO_VERIFY_METRICS_PORT", str(free_port()))
         base_env.setdefault("SAGUARO_DRAFT_METRICS_PORT", str(free_port()))
-        self.env = base_env
-        try:
-            for name in self.services:
-                self.processes[name] = self._spawn(name, base_env)
-            self.wait_ready()
-        except BaseException:
-            self.stop()
-            raise
+        return base_env
 
-    def _spawn(self, name: str, env: dict[str, str]) -> subprocess.Popen:
+    def _start_replica(self, service: str, index: int, count: int) -> str:
+        name = replica_name(service, index)
+        if name in self.processes:
+            raise ValueError(f"a process named {name!r} already belongs to this stack")
+        env = {**self.env, **replica_overrides(service, index, count, self.env)}
+        self.replica_envs[name] = env
+        self.processes[name] = self._spawn(name, service, env)
+        return name
+
+    def add_replica(self, service: str) -> str:
+        """Start one more replica of ``service`` in the running stack, wait until it is ready and return its process name."""
+        if service not in SERVICES:
+            raise ValueError(f"unknown service {service!r}; expected one of {', '.join(SERVICES)}")
+        if not self.redis_url:
+            raise RuntimeError("the stack is not running; call start() first")
+        index = sum(1 for name in self.processes if service_of(name) == service) + 1
+        name = self._start_replica(service, index, max(index, 2))
+        self.wait_ready([name])
+        return name
+
+    def _spawn(self, name: str, service: str, env: dict[str, str]) -> subprocess.Popen:
         log_path = self.log_dir / f"{name}.log"
         log = open(log_path, "ab")
-        logger.info("starting %s service (log: %s)", name, log_path)
+        logger.info("starting %s (log: %s)", name, log_path)
         return subprocess.Popen(
-            [sys.executable, "-m", f"services.{name}.main"],
+            [sys.executable, "-m", f"services.{service}.main"],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
 
-    def health_url(self, name: str) -> str:
-        if name == "gateway":
-            return f"{self.base_url}/health"
-        port = self.env[f"SAGUARO_{name.upper()}_METRICS_PORT"]
-        return f"http://127.0.0.1:{port}/health/ready"
+    def http_base_url(self, name: str) -> str:
+        """Return the base URL of a process's HTTP server: the gateway API or the verify/draft health and metrics server."""
+        service = service_of(name)
+        env = self.replica_envs.get(name, self.env)
+        if service == "gateway":
+            return f"http://127.0.0.1:{env['SAGUARO_GATEWAY_PORT']}"
+        return f"http://127.0.0.1:{env[f'SAGUARO_{service.upper()}_METRICS_PORT']}"
 
-    def wait_ready(self) -> None:
+    def health_url(self, name: str) -> str:
+        """Return the readiness URL of process ``name`` (a service name or a replica name like ``verify-2``)."""
+        if service_of(name) == "gateway":
+            return f"{self.http_base_url(name)}/health"
+        return f"{self.http_base_url(name)}/health/ready"
+
+    def metrics_url(self, name: str) -> str:
+        return f"{self.http_base_url(name)}/metrics"
+
+    def wait_ready(self, names: list[str] | None = None) -> None:
+        """Wait until every process in ``names`` (by default all) returns 200 from its readiness URL."""
         deadline = time.monotonic() + self.start_timeout_s
-        pending = list(self.services)
+        pending = list(self.processes) if names is None else list(names)
         while pending:
             for name in list(pending):
                 process = self.processes[name]
                 if process.poll() is not None:
                     tail = (self.log_dir / f"{name}.log").read_text(errors="replace")[-3000:]
-                    raise RuntimeError(f"{name} service exited with code {process.returncode} during start-up; last log lines:\n{tail}")
+                    raise RuntimeError(f"{name} exited with code {process.returncode} during start-up; last log lines:\n{tail}")
                 try:
                     with urllib.request.urlopen(self.health_url(name), timeout=2) as response:
                         if response.status == 200:
                             pending.remove(name)
-                            logger.info("%s service is ready", name)
+                            logger.info("%s is ready", name)
                 except (urllib.error.URLError, ConnectionError, TimeoutError):
                     pass
             if pending and time.monotonic() > deadline:
@@ -164,10 +264,11 @@ class Stack:
             try:
                 process.wait(timeout=15)
             except subprocess.TimeoutExpired:
-                logger.warning("%s service did not stop within 15 s; killing it", name)
+                logger.warning("%s did not stop within 15 s; killing it", name)
                 process.kill()
                 process.wait()
         self.processes.clear()
+        self.replica_envs.clear()
         if self._redis_process is not None:
             self._redis_process.terminate()
             self._redis_process.wait(timeout=10)

@@ -49,6 +49,10 @@ class Settings(BaseSettings):
     mode: DecodeMode = Field("ssd", description="ar: target only; sd: speculative decoding; ssd: speculative speculative decoding")
     num_speculative_tokens: int = Field(3, ge=1, le=16, description="K, draft tokens per verification step")
     fanout: Annotated[list[int], NoDecode] = Field(default_factory=list, description="fixed fan-out per acceptance length j=0..K (K+1 entries); empty means geometric allocation of fanout_budget")
+    fanout_policy: Literal["adaptive", "geometric"] = Field(
+        "adaptive",
+        description="adaptive: allocate fanout_budget from measured acceptance lengths and candidate ranks; geometric: the closed-form rule with a measured acceptance rate",
+    )
     fanout_budget: int = Field(8, ge=1, le=256, description="MQ_LEN, total branches the draft decodes per step")
     fanout_acceptance_rate: float = Field(0.7, gt=0.0, lt=1.0, description="prior per-token acceptance rate used by the geometric fan-out until measured")
     fanout_miss_exponent: float = Field(1.0, gt=0.0, description="prior r in P(miss at fan-out F) ~ F^-r used until measured")

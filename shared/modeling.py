@@ -80,8 +80,14 @@ def quantize_int8(model):
     Decoding one token on a CPU is bound by reading the weights; int8 weights
     are a quarter of fp32 and half of bf16. Activations stay fp32.
     """
+    import warnings
+
     from torch.ao.quantization import quantize_dynamic
 
+    # NOTE: torch 2.13 marks torch.ao quantization deprecated (torchao replaces it) and warns on
+    # every quantized forward; it still works, and the warning is silenced here.
+    warnings.filterwarnings("ignore", message=r".*quantize_per_tensor.*", category=UserWarning)
+    warnings.filterwarnings("ignore", message=r".*torch\.ao\.quantization.*", category=DeprecationWarning)
     model = model.float()
     return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
 

@@ -179,6 +179,8 @@ class CacheReady(_Message):
     fork_s: float
     tree_s: float
     publish_s: float
+    # candidates[j]: the draft's ranked candidates for the token committed after j accepted drafts.
+    candidates: list[list[int]] = Field(default_factory=list)
 
     @property
     def build_s(self) -> float:

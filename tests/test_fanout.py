@@ -2,7 +2,7 @@
 
 import pytest
 
-from shared.fanout import acceptance_length_probs, geometric_fanout, round_to_budget, uniform_fanout
+from shared.fanout import AdaptiveFanout, acceptance_length_probs, geometric_fanout, power_law_rank_probs, round_to_budget, uniform_fanout
 
 
 def test_acceptance_length_probs_sum_to_one():
@@ -50,3 +50,44 @@ def test_round_to_budget_rejects_zero_weights():
 def test_geometric_fanout_rejects_bad_rate(rate):
     with pytest.raises(ValueError):
         geometric_fanout(3, 8, rate, 1.0)
+
+
+def test_power_law_rank_probs_sum_to_one():
+    probs = power_law_rank_probs(10, 1.0)
+    assert len(probs) == 11
+    assert sum(probs) == pytest.approx(1.0)
+    assert probs[0] == pytest.approx(0.5)
+
+
+def test_adaptive_fanout_spends_the_budget():
+    policy = AdaptiveFanout(k=4, budget=10, acceptance_rate=0.7, miss_exponent=1.0)
+    assert sum(policy.allocation()) == 10
+
+
+def test_adaptive_fanout_prior_favours_likely_lengths():
+    policy = AdaptiveFanout(k=3, budget=8, acceptance_rate=0.9, miss_exponent=1.0)
+    allocation = policy.allocation()
+    # P(3) = 0.729 dominates, so full acceptance gets the most candidates.
+    assert allocation[3] == max(allocation)
+
+
+def test_adaptive_fanout_follows_measured_ranks():
+    policy = AdaptiveFanout(k=2, budget=6, acceptance_rate=0.5, miss_exponent=1.0)
+    for _ in range(400):
+        # Steps end with j = 0 only, and the committed token is always the draft's third candidate.
+        policy.observe_outcome(0)
+        policy.observe_rank(0, 2)
+    allocation = policy.allocation()
+    assert allocation[0] >= 3
+    assert allocation[1] + allocation[2] <= 3
+
+
+def test_adaptive_fanout_counts_misses_outside_the_list():
+    policy = AdaptiveFanout(k=1, budget=4, acceptance_rate=0.5, miss_exponent=1.0, max_rank=3)
+    for _ in range(300):
+        policy.observe_outcome(1)
+        policy.observe_rank(1, None)
+    # Candidates at j = 1 no longer pay, but the allocation still spends within max_rank per length.
+    allocation = policy.allocation()
+    assert all(count <= 3 for count in allocation)
+    assert sum(allocation) == 4

@@ -58,6 +58,8 @@ class Branch:
 @dataclass
 class CacheBuild:
     branches: list[Branch]
+    # candidates[j]: every ranked candidate for acceptance length j, cached or not.
+    candidates: list[list[int]]
     glue_s: float
     fork_s: float
     tree_s: float
@@ -137,21 +139,25 @@ class DraftEngine:
         """Write the draft KV of the tokens under verification and their candidates."""
         self.sync(seq, base_len, tokens)
 
-    def fork(self, seq: DraftSequence, base_len: int, tokens: list[int], fanout: list[int]) -> list[Branch]:
-        """Pick the candidate committed tokens c for each acceptance length j.
+    def ranked_candidates(self, seq: DraftSequence, base_len: int, tokens: list[int]) -> list[list[int]]:
+        """Return, for each acceptance length j, the draft's candidates for the committed token, best first.
 
         After j < K accepted drafts the target rejected s_{j+1}, so s_{j+1} is not a
         candidate; after K accepted drafts any token can be the bonus token.
         """
         k = len(tokens) - 1
-        branches = []
+        ranked = []
         for j in range(k + 1):
-            wanted = fanout[j] if j < len(fanout) else 0
-            if wanted <= 0:
-                continue
             rejected = tokens[j + 1] if j < k else None
-            chosen = [c for c in seq.candidates[base_len + j] if c != rejected][:wanted]
-            branches.extend(Branch(accepted=j, token=c) for c in chosen)
+            ranked.append([c for c in seq.candidates[base_len + j] if c != rejected])
+        return ranked
+
+    def fork(self, seq: DraftSequence, base_len: int, tokens: list[int], fanout: list[int]) -> list[Branch]:
+        """Pick the top ``fanout[j]`` candidate committed tokens c for each acceptance length j."""
+        branches = []
+        for j, candidates in enumerate(self.ranked_candidates(seq, base_len, tokens)):
+            count = fanout[j] if j < len(fanout) else 0
+            branches.extend(Branch(accepted=j, token=c) for c in candidates[: max(0, count)])
         return branches
 
     def tree_mask(self, base_len: int, cache_len: int, branches: list[Branch], depth: int) -> torch.Tensor:
@@ -198,4 +204,5 @@ class DraftEngine:
         forked = time.perf_counter()
         self.tree_decode(seq, root_pos, branches, k)
         done = time.perf_counter()
-        return CacheBuild(branches=branches, glue_s=glued - started, fork_s=forked - glued, tree_s=done - forked)
+        candidates = self.ranked_candidates(seq, root_pos, tokens[root_offset:])
+        return CacheBuild(branches=branches, candidates=candidates, glue_s=glued - started, fork_s=forked - glued, tree_s=done - forked)

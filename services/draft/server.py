@@ -150,6 +150,7 @@ class DraftServer:
             fork_s=build.fork_s,
             tree_s=build.tree_s,
             publish_s=publish_s,
+            candidates=build.candidates,
         )
 
     def drop_published(self, seq) -> None:

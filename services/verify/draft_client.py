@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections import defaultdict
 from typing import Callable
@@ -36,6 +37,8 @@ class DraftClient:
         self.live: list[str] = []
         self.assigned: dict[str, int] = defaultdict(int)
         self._refreshed = 0.0
+        # A random start keeps verify replicas that start together from picking the same draft in step.
+        self._rotation = random.randrange(1 << 16)
         self._warned_hashes: set[str] = set()
 
     # -- discovery and assignment -------------------------------------------
@@ -64,13 +67,21 @@ class DraftClient:
         return self.live
 
     def assign(self) -> str | None:
-        """Pick the live draft replica with the fewest requests from this verify replica."""
+        """Pick the live draft replica with the fewest requests from this verify replica.
+
+        Ties rotate from one assignment to the next. Without the rotation a
+        verify replica that runs one request at a time would send every
+        request to the same draft, and so would every other verify replica.
+        """
         live = self.refresh()
         if not live:
             live = self.refresh(force=True)
         if not live:
             return None
-        address = min(live, key=lambda a: self.assigned[a])
+        fewest = min(self.assigned[a] for a in live)
+        candidates = [a for a in live if self.assigned[a] == fewest]
+        address = candidates[self._rotation % len(candidates)]
+        self._rotation += 1
         self.assigned[address] += 1
         return address
 

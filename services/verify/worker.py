@@ -28,7 +28,7 @@ from services.verify.engine import TargetEngine, TargetSequence
 from services.verify.output import OutputState
 from shared import keys, metrics
 from shared.config import Settings
-from shared.fanout import geometric_fanout
+from shared.fanout import AdaptiveFanout, geometric_fanout
 from shared.protocol import (
     BuildCacheRequest,
     CacheEntry,
@@ -108,6 +108,9 @@ class VerifyWorker:
         self.active: list[ActiveRequest] = []
         self.stopped = threading.Event()
         self.acceptance = AcceptanceEstimate(settings.fanout_acceptance_rate)
+        self.adaptive = AdaptiveFanout(self.k, settings.fanout_budget, settings.fanout_acceptance_rate, settings.fanout_miss_exponent)
+        self._logged_fanout: list[int] = []
+        self._fanout_logged_at = 0.0
         self.stream = keys.request_stream(self.ns)
         self.ensure_group()
 
@@ -264,13 +267,23 @@ class VerifyWorker:
             metrics.NUM_DRAFT_TOKENS.inc(drafted)
             metrics.NUM_ACCEPTED_TOKENS.inc(accepted)
             self.acceptance.observe(accepted, drafted)
+            if drafted == self.k:
+                self.adaptive.observe_outcome(accepted)
 
     # -- speculation ----------------------------------------------------------------
 
     def fanout(self) -> list[int]:
         if self.settings.fanout:
             return list(self.settings.fanout)
-        return geometric_fanout(self.k, self.settings.fanout_budget, self.acceptance.rate, self.settings.fanout_miss_exponent)
+        if self.settings.fanout_policy == "adaptive":
+            lists = self.adaptive.allocation()
+        else:
+            lists = geometric_fanout(self.k, self.settings.fanout_budget, self.acceptance.rate, self.settings.fanout_miss_exponent)
+        if lists != self._logged_fanout and time.monotonic() - self._fanout_logged_at > 30.0:
+            logger.info("fan-out per acceptance length now %s (%s policy, acceptance rate %.2f)", lists, self.settings.fanout_policy, self.acceptance.rate)
+            self._logged_fanout = lists
+            self._fanout_logged_at = time.monotonic()
+        return lists
 
     def _tail(self, active: ActiveRequest) -> tuple[int, list[int]]:
         """Return (base_len, tokens): the committed tokens the draft may lack, ending with the root."""
@@ -322,6 +335,9 @@ class VerifyWorker:
             self.draft_lost(active, ready)
             return None
         active.stats = active.stats.model_copy(update={"cache_build_s": active.stats.cache_build_s + ready.build_s})
+        if accepted < len(ready.candidates) and len(ready.candidates) == self.k + 1:
+            ranked = ready.candidates[accepted]
+            self.adaptive.observe_rank(accepted, ranked.index(active.seq.root) if active.seq.root in ranked else None)
         value = self.redis.get(keys.spec_entry(self.ns, rid, step, accepted, active.seq.root))
         if value is None:
             metrics.CACHE_LOOKUPS.labels("miss").inc()
