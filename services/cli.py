@@ -148,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
               "  bench-client  drive a running gateway with concurrent requests", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     return commands[argv[0]](argv[1:]) or 0
 
 

@@ -47,7 +47,7 @@ class Settings(BaseSettings):
 
     # Decoding.
     mode: DecodeMode = Field("ssd", description="ar: target only; sd: speculative decoding; ssd: speculative speculative decoding")
-    num_speculative_tokens: int = Field(3, ge=1, le=16, description="K, draft tokens per verification step")
+    num_speculative_tokens: int = Field(4, ge=1, le=16, description="K, draft tokens per verification step")
     fanout: Annotated[list[int], NoDecode] = Field(default_factory=list, description="fixed fan-out per acceptance length j=0..K (K+1 entries); empty means geometric allocation of fanout_budget")
     fanout_policy: Literal["adaptive", "geometric"] = Field(
         "adaptive",
