@@ -73,3 +73,32 @@ def save_tiny_pair(directory: Path, draft_noise: float = 0.02) -> tuple[Path, Pa
         model.save_pretrained(path)
         tokenizer.save_pretrained(path)
     return target_dir, draft_dir
+
+
+def target_greedy(model_dir: Path, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    """Return the target-only greedy continuation of each prompt, decoded in this process without a KV cache."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_kernels=False)
+    outputs = []
+    for prompt in prompts:
+        ids = list(prompt)
+        with torch.inference_mode():
+            for _ in range(max_tokens):
+                ids.append(int(torch.argmax(model(input_ids=torch.tensor([ids])).logits[0, -1])))
+        outputs.append(ids[len(prompt):])
+    return outputs
+
+
+def tiny_stack_env(target_dir: Path, draft_dir: Path, namespace: str, mode: str = "ssd", **settings) -> dict[str, str]:
+    """Return the SAGUARO_* environment that serves the tiny pair in fp32; ``settings`` adds fields, e.g. ``max_num_seqs=1``."""
+    return {
+        "SAGUARO_NAMESPACE": namespace,
+        "SAGUARO_TARGET_MODEL": str(target_dir),
+        "SAGUARO_DRAFT_MODEL": str(draft_dir),
+        "SAGUARO_DTYPE": "float32",
+        "SAGUARO_DRAFT_QUANTIZATION": "none",
+        "SAGUARO_MODE": mode,
+        "SAGUARO_NUM_SPECULATIVE_TOKENS": "3",
+        **{f"SAGUARO_{name.upper()}": str(value) for name, value in settings.items()},
+    }
