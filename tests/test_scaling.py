@@ -186,7 +186,7 @@ def test_draft_replica_joins(scaled_stack, reference):
 
 
 def test_verify_replica_leaves(tiny_pair, tmp_path_factory, reference):
-    """SIGTERM one of two verify replicas: its running request ends with abort and the other replica serves new requests."""
+    """SIGTERM one of two verify replicas: the other takes its running request over and serves new requests."""
     stack = start_replicated_stack(tiny_pair, tmp_path_factory.mktemp("logs-leave"), {"verify": 2}, services=("draft", "verify"))
     try:
         client, ns = redis_of(stack)
@@ -206,14 +206,18 @@ def test_verify_replica_leaves(tiny_pair, tmp_path_factory, reference):
         leaving.send_signal(signal.SIGTERM)
         assert leaving.wait(timeout=30) == 0
 
-        stopped = collect(client, ns, owners["verify-2"], timeout_s=30)
-        assert stopped.finish is not None, stopped.error
-        assert stopped.finish.finish_reason == "abort"
-        assert not client.sismember(keys.inflight(ns), owners["verify-2"])
         assert not client.exists(keys.replica(ns, "verify", "verify-2"))
 
+        # verify-1 takes one request at a time: free it, and it continues verify-2's request.
         client.set(keys.cancel(ns, owners["verify-1"]), "1", ex=60)
         assert collect(client, ns, owners["verify-1"], timeout_s=60).finish.finish_reason == "abort"
+        handed = collect(client, ns, owners["verify-2"], timeout_s=120)
+        assert handed.finish is not None, handed.error
+        assert handed.finish.finish_reason == "length"
+        assert len(handed.token_ids) == 2000
+        assert handed.token_ids[:MAX_TOKENS] == reference[0]
+        assert request_state(client, ns, owners["verify-2"])["verify"] == "verify-1"
+        assert not client.sismember(keys.inflight(ns), owners["verify-2"])
 
         new_ids = [submit(client, ns, prompt, temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True) for prompt in PROMPTS]
         for index, (request_id, expected) in enumerate(zip(new_ids, reference)):

@@ -28,6 +28,7 @@ from services.verify.engine import TargetEngine, TargetSequence
 from services.verify.output import OutputState
 from shared import keys, metrics
 from shared.config import Settings
+from shared.service import live_replicas
 from shared.fanout import AdaptiveFanout, geometric_fanout
 from shared.protocol import (
     BuildCacheRequest,
@@ -51,6 +52,9 @@ from shared.protocol import (
 )
 
 logger = logging.getLogger("saguaro.verify")
+
+# How often a verify replica looks for requests left by replicas that died, seconds.
+RECLAIM_INTERVAL_S = 2.0
 
 
 @dataclass
@@ -112,6 +116,7 @@ class VerifyWorker:
         self._logged_fanout: list[int] = []
         self._fanout_logged_at = 0.0
         self.stream = keys.request_stream(self.ns)
+        self._reclaimed_at = 0.0
         self.ensure_group()
 
     # -- admission ---------------------------------------------------------------
@@ -139,7 +144,7 @@ class VerifyWorker:
             for message_id, fields in entries:
                 self.start(message_id, fields)
 
-    def start(self, message_id: bytes, fields: dict) -> None:
+    def start(self, message_id: bytes, fields: dict, resume: bool = False) -> None:
         try:
             request = decode(fields[b"msg"])
             if not isinstance(request, GenerateRequest):
@@ -153,7 +158,38 @@ class VerifyWorker:
         if prompt_len >= self.settings.max_model_len:
             self.fail(rid, message_id, f"prompt has {prompt_len} tokens; the maximum context is {self.settings.max_model_len}", "invalid_request")
             return
-        logger.info("request %s admitted: %d prompt tokens, max_tokens %d", rid, prompt_len, request.sampling.max_tokens, extra={"request_id": rid})
+        generated: list[int] = []
+        sent_text = ""
+        if resume:
+            progress = self.read_progress(rid)
+            if progress is None:
+                logger.info("request %s had already finished; acknowledging it", rid, extra={"request_id": rid})
+                self.redis.xack(self.stream, keys.REQUEST_GROUP, message_id)
+                return
+            generated, sent_text = progress
+        logger.info(
+            "request %s admitted: %d prompt tokens, max_tokens %d, %d tokens already generated",
+            rid, prompt_len, request.sampling.max_tokens, len(generated), extra={"request_id": rid},
+        )
+        self.begin(request, message_id, generated, sent_text)
+
+    def read_progress(self, rid: str) -> tuple[list[int], str] | None:
+        """Return the tokens and text a request already streamed, or None if it has finished."""
+        tokens: list[int] = []
+        text = ""
+        for _, fields in self.redis.xrange(keys.events(self.ns, rid)):
+            event = decode(fields[b"msg"])
+            if isinstance(event, (FinishEvent, ErrorEvent)):
+                return None
+            tokens.extend(event.token_ids)
+            text += event.text
+        return tokens, text
+
+    def begin(self, request: GenerateRequest, message_id: bytes, generated: list[int], sent_text: str) -> None:
+        """Prefill the prompt plus any tokens generated before a takeover, then add the request to the loop."""
+        rid = request.request_id
+        prompt_len = len(request.prompt_token_ids)
+        context = request.prompt_token_ids + generated
         admitted_at = time.time()
         draft_address = None
         if self.settings.mode != "ar" and self.drafts is not None:
@@ -162,18 +198,26 @@ class VerifyWorker:
                 logger.warning("request %s: no draft replica is alive; decoding without speculation", rid, extra={"request_id": rid})
             else:
                 self.drafts.track(rid)
-                self.drafts.send(draft_address, PrefillRequest(request_id=rid, prompt_token_ids=request.prompt_token_ids, k=self.k))
-        self.redis.hset(keys.state(self.ns, rid), mapping={"status": "running", "verify": self.replica_id, "draft": draft_address or ""})
+                self.drafts.send(draft_address, PrefillRequest(request_id=rid, prompt_token_ids=context, k=self.k))
+        state_key = keys.state(self.ns, rid)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(state_key, mapping={"status": "running", "verify": self.replica_id, "draft": draft_address or ""})
+        pipe.expire(state_key, keys.EVENTS_TTL_S)
+        pipe.execute()
         try:
-            seq = self.engine.prefill(rid, request.prompt_token_ids)
+            seq = self.engine.prefill(rid, context)
         except Exception as exc:
             logger.exception("request %s: prefill failed", rid, extra={"request_id": rid})
             self.fail(rid, message_id, f"prefill failed: {exc}", "internal_error")
-            if self.drafts is not None:
-                self.release_draft(rid, draft_address)
+            self.release_draft(rid, draft_address)
             return
         metrics.PROMPT_TOKENS.inc(prompt_len)
         output = OutputState(self.tokenizer, request.sampling, self.eos_ids, prompt_len, self.settings.max_model_len)
+        if generated:
+            # Streamed tokens are committed already; the last one is the root of the next step.
+            output.token_ids = list(generated)
+            output.text = self.tokenizer.decode(output.token_ids, skip_special_tokens=True)
+            output.sent_chars = len(sent_text)
         active = ActiveRequest(
             request=request,
             message_id=message_id,
@@ -182,12 +226,46 @@ class VerifyWorker:
             stats=DecodeStats(mode=self.settings.mode, accepted_per_pos=[0] * self.k),
             admitted_at=admitted_at,
             draft_address=draft_address,
-            draft_anchor=prompt_len - 1,
+            draft_anchor=len(context) - 1,
         )
+        if generated:
+            active.first_token_at = admitted_at
         if draft_address is not None:
             active.drafts = self.await_draft(active, 0)
         self.active.append(active)
         metrics.REQUESTS_RUNNING.set(len(self.active))
+
+    def reclaim_orphans(self) -> None:
+        """Take over requests whose verify replica stopped heartbeating before it finished them.
+
+        The new owner prefills the prompt plus the tokens already streamed and
+        continues from there, so the client sees no repeated and no lost tokens.
+        """
+        if time.monotonic() - self._reclaimed_at < RECLAIM_INTERVAL_S:
+            return
+        self._reclaimed_at = time.monotonic()
+        free = self.settings.max_num_seqs - len(self.active)
+        if free <= 0:
+            return
+        pending = self.redis.xpending_range(self.stream, keys.REQUEST_GROUP, min="-", max="+", count=100)
+        if not pending:
+            return
+        live = {info.replica_id for info in live_replicas(self.redis, self.ns, "verify")}
+        idle_ms = keys.REPLICA_TTL_S * 1000
+        for entry in pending:
+            consumer = entry["consumer"].decode() if isinstance(entry["consumer"], bytes) else entry["consumer"]
+            if consumer in live or consumer == self.replica_id or entry["time_since_delivered"] < idle_ms:
+                continue
+            claimed = self.redis.xclaim(self.stream, keys.REQUEST_GROUP, self.replica_id, min_idle_time=idle_ms, message_ids=[entry["message_id"]])
+            for message_id, fields in claimed:
+                if not fields:
+                    self.redis.xack(self.stream, keys.REQUEST_GROUP, message_id)
+                    continue
+                logger.warning("taking over request stream entry %s from verify replica %s, which is gone", message_id, consumer)
+                self.start(message_id, fields, resume=True)
+                free -= 1
+            if free <= 0:
+                return
 
     # -- the loop ------------------------------------------------------------------
 
@@ -195,6 +273,7 @@ class VerifyWorker:
         logger.info("verify loop running in %s mode, K=%d", self.settings.mode, self.k)
         while not self.stopped.is_set():
             try:
+                self.reclaim_orphans()
                 self.admit()
                 for active in list(self.active):
                     self.advance(active)
@@ -202,7 +281,7 @@ class VerifyWorker:
                 logger.error("lost Redis: %s; retrying in 1 s", exc)
                 time.sleep(1.0)
         for active in list(self.active):
-            self.finish_abort(active, "verify replica shutting down")
+            self.hand_off(active)
 
     def advance(self, active: ActiveRequest) -> None:
         rid = active.request_id
@@ -453,9 +532,11 @@ class VerifyWorker:
             rid, reason, completion, stats.steps, stats.cache_hits, stats.cache_misses, extra={"request_id": rid},
         )
 
-    def finish_abort(self, active: ActiveRequest, why: str) -> None:
-        logger.info("request %s aborted: %s", active.request_id, why, extra={"request_id": active.request_id})
-        self.finish(active, "abort", None)
+    def hand_off(self, active: ActiveRequest) -> None:
+        """Leave an unfinished request pending in the stream, so another replica takes it over on shutdown."""
+        logger.info("request %s left for another verify replica to continue", active.request_id, extra={"request_id": active.request_id})
+        self.remove(active)
+        self.release_draft(active.request_id, active.draft_address)
 
     def remove(self, active: ActiveRequest) -> None:
         if active in self.active:
@@ -477,7 +558,8 @@ class VerifyWorker:
         pipe = self.redis.pipeline(transaction=False)
         pipe.xadd(events_key, {"msg": encode(ErrorEvent(request_id=rid, message=message, code=code))})
         pipe.expire(events_key, keys.EVENTS_TTL_S)
-        pipe.hset(keys.state(self.ns, rid), mapping={"status": "failed"})
+        pipe.hset(keys.state(self.ns, rid), mapping={"status": "failed", "finish_reason": "error"})
+        pipe.expire(keys.state(self.ns, rid), keys.EVENTS_TTL_S)
         pipe.srem(keys.inflight(self.ns), rid)
         pipe.xack(self.stream, keys.REQUEST_GROUP, message_id)
         pipe.execute()
