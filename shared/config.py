@@ -55,6 +55,10 @@ class Settings(BaseSettings):
     fanout_budget: int = Field(8, ge=1, le=256, description="MQ_LEN, total branches the draft decodes per step")
     fanout_acceptance_rate: float = Field(0.7, gt=0.0, lt=1.0, description="prior per-token acceptance rate used by the geometric fan-out until measured")
     fanout_miss_exponent: float = Field(1.0, gt=0.0, description="prior r in P(miss at fan-out F) ~ F^-r used until measured")
+    backup: Literal["auto", "jit", "ngram", "none"] = Field(
+        "auto",
+        description="speculation after an SSD cache miss: jit (draft K tokens now), ngram (prompt lookup), none (verify the root alone); auto picks per step from measured times and yields",
+    )
     cache_ttl_s: float = Field(30.0, gt=0, description="lifetime of speculation-cache entries in Redis, seconds")
     cache_wait_s: float = Field(10.0, gt=0, description="how long the verifier waits for the draft's cache before treating the step as a miss, seconds")
     draft_timeout_s: float = Field(30.0, gt=0, description="how long the verifier waits for a draft reply before decoding without speculation, seconds")

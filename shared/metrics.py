@@ -18,7 +18,8 @@ NUM_ACCEPTED_PER_POS = Counter(
     "saguaro:spec_decode_num_accepted_tokens_per_pos", "Accepted draft tokens by draft position (0-based)", ["position"]
 )
 CACHE_LOOKUPS = Counter("saguaro:spec_cache_lookups", "Speculation-cache lookups after a step, by result", ["result"])
-BACKUPS = Counter("saguaro:spec_backup_runs", "Just-in-time speculations requested in SSD mode (after a miss, or when no cache was pending), by kind", ["kind"])
+BACKUPS = Counter("saguaro:spec_backup_runs", "Backup speculations run after an SSD cache miss, or when no cache was pending, by kind", ["kind"])
+BACKUP_TOKENS = Counter("saguaro:spec_backup_committed_tokens", "Tokens committed by the steps that verified a backup speculation, by kind", ["kind"])
 VERIFY_TIME = Histogram("saguaro:verify_step_seconds", "Target forward time of one verification step", buckets=STEP_BUCKETS)
 DRAFT_WAIT_TIME = Histogram(
     "saguaro:verify_draft_wait_seconds", "Time the verifier waited for the draft in one step", buckets=STEP_BUCKETS

@@ -101,6 +101,8 @@ class DecodeStats(_Message):
     wait_draft_s: float = 0.0
     # Draft time to build the speculation cache, summed over the steps whose cache was looked up.
     cache_build_s: float = 0.0
+    # Backup speculations run after misses, by kind (jit, ngram, none).
+    backup_runs: dict[str, int] = Field(default_factory=dict)
 
 
 class FinishEvent(_Message):

@@ -20,7 +20,7 @@ import torch
 from bench.direct_client import collect, generate, submit
 from services.launcher import Stack
 from shared import keys
-from tests.tiny_models import save_tiny_pair
+from tests.tiny_models import save_tiny_pair, target_greedy
 
 pytestmark = pytest.mark.integration
 
@@ -35,17 +35,7 @@ def tiny_pair(tmp_path_factory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def reference(tiny_pair) -> list[list[int]]:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_pair[0], dtype=torch.float32, use_kernels=False)
-    outputs = []
-    for prompt in PROMPTS:
-        ids = list(prompt)
-        with torch.inference_mode():
-            for _ in range(MAX_TOKENS):
-                ids.append(int(torch.argmax(model(input_ids=torch.tensor([ids])).logits[0, -1])))
-        outputs.append(ids[len(prompt):])
-    return outputs
+    return target_greedy(tiny_pair[0], PROMPTS, MAX_TOKENS)
 
 
 def start_stack(tiny_pair, tmp_path_factory, mode: str, **extra) -> Stack:
@@ -255,3 +245,47 @@ def test_draft_restart_keeps_output_exact(tiny_pair, tmp_path_factory, reference
         assert result.token_ids == reference[0]
     finally:
         deployment.stop()
+
+
+def sampled_reference(model_dir, prompt: list[int], max_tokens: int, **sampling) -> list[int]:
+    """Decode with the target alone through the verify engine's sampler: the exact AR output for a seed."""
+    from transformers import AutoModelForCausalLM
+
+    from services.verify.engine import TargetEngine
+    from shared.protocol import SamplingParams
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_kernels=False)
+    engine = TargetEngine(model, torch.device("cpu"))
+    params = SamplingParams(max_tokens=max_tokens, **sampling)
+    seq = engine.prefill("reference", prompt)
+    tokens: list[int] = []
+    while len(tokens) < max_tokens:
+        tokens.extend(engine.verify(seq, [], params).committed)
+    return tokens[:max_tokens]
+
+
+@pytest.mark.parametrize("backup", ["jit", "ngram", "none", "auto"])
+def test_ssd_backups_stay_exact(backup, tiny_pair, tmp_path_factory, reference):
+    sampling = {"temperature": 1.0, "top_p": 0.9, "seed": 5}
+    expected_sampled = sampled_reference(tiny_pair[0], PROMPTS[1], 30, **sampling)
+    deployment = start_stack(tiny_pair, tmp_path_factory, "ssd", backup=backup)
+    try:
+        client, ns = redis_of(deployment)
+        runs: dict[str, int] = {}
+        for prompt, expected in zip(PROMPTS, reference):
+            result = generate(client, ns, prompt, temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+            assert result.token_ids == expected
+            for kind, count in result.finish.stats.backup_runs.items():
+                runs[kind] = runs.get(kind, 0) + count
+        sampled = generate(client, ns, PROMPTS[1], max_tokens=30, ignore_eos=True, **sampling)
+        assert sampled.token_ids == expected_sampled
+    finally:
+        deployment.stop()
+    assert sum(runs.values()) > 0, "no cache miss happened, so no backup ran"
+    if backup == "jit":
+        assert set(runs) == {"jit"}
+    if backup == "none":
+        assert set(runs) == {"none"}
+    if backup == "ngram":
+        # Prompt lookup falls back to none when it finds no match.
+        assert set(runs) <= {"ngram", "none"}

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import redis
 
+from services.verify.backup import BackupChooser, ngram_propose
 from services.verify.draft_client import DraftClient
 from services.verify.engine import TargetEngine, TargetSequence
 from services.verify.output import OutputState
@@ -72,6 +73,8 @@ class ActiveRequest:
     drafts: list[int] = field(default_factory=list)
     cache_pending: bool = False
     first_token_at: float | None = None
+    # Kind of the backup whose speculation the next step verifies, if any.
+    pending_backup: str | None = None
 
     @property
     def request_id(self) -> str:
@@ -113,6 +116,7 @@ class VerifyWorker:
         self.stopped = threading.Event()
         self.acceptance = AcceptanceEstimate(settings.fanout_acceptance_rate)
         self.adaptive = AdaptiveFanout(self.k, settings.fanout_budget, settings.fanout_acceptance_rate, settings.fanout_miss_exponent)
+        self.backups = BackupChooser()
         self._logged_fanout: list[int] = []
         self._fanout_logged_at = 0.0
         self.stream = keys.request_stream(self.ns)
@@ -298,12 +302,17 @@ class VerifyWorker:
 
     def step(self, active: ActiveRequest) -> None:
         drafts = active.drafts
-        if self.settings.mode == "ssd" and drafts and active.draft_address is not None:
+        if self.settings.mode == "ssd" and active.draft_address is not None:
             self.request_cache(active)
         started = time.perf_counter()
         result = self.engine.verify(active.seq, drafts, active.request.sampling)
         verify_s = time.perf_counter() - started
         self.record_step(active, len(drafts), result.accepted, verify_s)
+        self.backups.observe_verify(verify_s)
+        if active.pending_backup is not None:
+            self.backups.observe_tokens(active.pending_backup, len(result.committed))
+            metrics.BACKUP_TOKENS.labels(active.pending_backup).inc(len(result.committed))
+            active.pending_backup = None
 
         finished = False
         committed: list[int] = []
@@ -351,7 +360,10 @@ class VerifyWorker:
 
     # -- speculation ----------------------------------------------------------------
 
-    def fanout(self) -> list[int]:
+    def fanout(self, num_drafts: int) -> list[int]:
+        if num_drafts != self.k:
+            # A backup speculation shorter than K: spread the budget by the geometric rule.
+            return geometric_fanout(num_drafts, self.settings.fanout_budget, self.acceptance.rate, self.settings.fanout_miss_exponent)
         if self.settings.fanout:
             return list(self.settings.fanout)
         if self.settings.fanout_policy == "adaptive":
@@ -378,7 +390,7 @@ class VerifyWorker:
             base_len=base,
             tokens=tail + active.drafts,
             root_offset=len(tail) - 1,
-            fanout=self.fanout(),
+            fanout=self.fanout(len(active.drafts)),
             k=self.k,
             ttl_s=self.settings.cache_ttl_s,
         )
@@ -397,7 +409,29 @@ class VerifyWorker:
             hit = self.lookup_cache(active, accepted)
             if hit is not None:
                 return hit
+            if active.draft_address is not None:
+                return self.run_backup(active)
+            return self.reattach_draft(active)
         return self.jit_draft(active)
+
+    def run_backup(self, active: ActiveRequest) -> list[int]:
+        """Return the speculation for the step after a cache miss, from the configured or chosen backup."""
+        policy = self.settings.backup
+        proposal = ngram_propose(active.committed(), self.k) if policy in ("auto", "ngram") else []
+        kind = self.backups.choose(len(self.active), bool(proposal)) if policy == "auto" else policy
+        if kind == "ngram" and not proposal:
+            kind = "none"
+        active.pending_backup = kind
+        runs = dict(active.stats.backup_runs)
+        runs[kind] = runs.get(kind, 0) + 1
+        active.stats = active.stats.model_copy(update={"backup_runs": runs})
+        metrics.BACKUPS.labels(kind).inc()
+        if kind == "jit":
+            started = time.perf_counter()
+            drafts = self.jit_draft(active)
+            self.backups.observe_jit(time.perf_counter() - started)
+            return drafts
+        return proposal if kind == "ngram" else []
 
     def lookup_cache(self, active: ActiveRequest, accepted: int) -> list[int] | None:
         """Wait for the draft's cache of the step just verified and look up its outcome."""
@@ -432,8 +466,6 @@ class VerifyWorker:
         base, tail = self._tail(active)
         self.drafts.send(active.draft_address, DraftRequest(request_id=active.request_id, step=active.step, base_len=base, tokens=tail, k=self.k))
         active.draft_anchor = len(active.seq.ids)
-        if self.settings.mode == "ssd":
-            metrics.BACKUPS.labels("jit").inc()
         return self.await_draft(active, active.step)
 
     def await_draft(self, active: ActiveRequest, step: int) -> list[int]:

@@ -1,0 +1,71 @@
+"""Backup speculation after a cache miss, and the choice between backups.
+
+Three backups exist. ``jit`` asks the draft for K tokens, as SD does, so the
+target waits for it. ``ngram`` looks the latest tokens up in the prompt and
+the output so far (prompt lookup), which costs nothing but often finds
+nothing. ``none`` verifies the root alone, one autoregressive step, while the
+draft builds the cache for it with the whole fan-out budget on the next token.
+Every backup's tokens go through the same exact acceptance test as cached ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+def ngram_propose(tokens: list[int], k: int, max_n: int = 4, min_n: int = 2) -> list[int]:
+    """Return up to ``k`` tokens that followed the latest earlier occurrence of the last n tokens.
+
+    Tries n = max_n down to min_n and returns the continuation of the first match,
+    or an empty list when no suffix of that length occurred before.
+    """
+    length = len(tokens)
+    for n in range(min(max_n, length - 1), min_n - 1, -1):
+        suffix = tokens[length - n :]
+        # Search right to left so the most recent occurrence wins.
+        for start in range(length - n - 1, -1, -1):
+            if tokens[start : start + n] == suffix:
+                continuation = tokens[start + n : start + n + k]
+                if continuation:
+                    return continuation
+    return []
+
+
+@dataclass
+class Ema:
+    value: float
+    weight: float = 0.1
+
+    def update(self, sample: float) -> None:
+        self.value += self.weight * (sample - self.value)
+
+
+@dataclass
+class BackupChooser:
+    """Pick the backup with the highest expected tokens per second, from measured times and yields.
+
+    A JIT draft of one request delays every request verified in the same batch,
+    so its time counts once per request in the batch; n-gram and none cost no
+    draft time. Expected committed tokens per step are measured per backup.
+    """
+
+    verify_s: Ema = field(default_factory=lambda: Ema(0.4))
+    jit_s: Ema = field(default_factory=lambda: Ema(0.2))
+    tokens: dict[str, Ema] = field(default_factory=lambda: {"jit": Ema(3.0), "ngram": Ema(1.5), "none": Ema(1.0)})
+
+    def observe_verify(self, seconds: float) -> None:
+        self.verify_s.update(seconds)
+
+    def observe_jit(self, seconds: float) -> None:
+        self.jit_s.update(seconds)
+
+    def observe_tokens(self, kind: str, committed: int) -> None:
+        self.tokens[kind].update(float(committed))
+
+    def rate(self, kind: str, batch_size: int) -> float:
+        stall = self.jit_s.value * batch_size if kind == "jit" else 0.0
+        return self.tokens[kind].value / (self.verify_s.value + stall)
+
+    def choose(self, batch_size: int, ngram_found: bool) -> str:
+        kinds = ["jit", "none"] + (["ngram"] if ngram_found else [])
+        return max(kinds, key=lambda kind: self.rate(kind, batch_size))

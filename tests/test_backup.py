@@ -1,0 +1,41 @@
+"""Backup speculation: prompt lookup and the choice between backups."""
+
+import pytest
+
+from services.verify.backup import BackupChooser, ngram_propose
+
+
+@pytest.mark.parametrize(
+    "tokens, k, expected",
+    [
+        ([1, 2, 3, 4, 9, 1, 2, 3], 3, [4, 9, 1]),  # suffix [1, 2, 3] occurred at the start
+        ([1, 2, 3, 4, 9, 2, 3], 2, [4, 9]),  # the longest suffix with a match is [2, 3]
+        ([5, 6, 7, 8], 3, []),  # no suffix of length >= 2 occurred before
+        ([1, 2, 7, 1, 2, 8, 1, 2], 1, [8]),  # the most recent occurrence wins
+        ([3, 3], 4, []),  # too short to match a 2-token suffix earlier
+        ([4, 4, 4, 4], 2, [4]),  # the continuation is cut at the end of the sequence
+    ],
+)
+def test_ngram_propose(tokens, k, expected):
+    assert ngram_propose(tokens, k) == expected
+
+
+def test_chooser_prefers_jit_alone():
+    chooser = BackupChooser()
+    assert chooser.choose(batch_size=1, ngram_found=False) == "jit"
+
+
+def test_chooser_avoids_jit_in_a_large_batch():
+    chooser = BackupChooser()
+    assert chooser.choose(batch_size=8, ngram_found=True) == "ngram"
+    assert chooser.choose(batch_size=8, ngram_found=False) == "none"
+
+
+def test_chooser_follows_measurements():
+    chooser = BackupChooser()
+    for _ in range(100):
+        chooser.observe_jit(2.0)  # a slow draft
+        chooser.observe_verify(0.4)
+        chooser.observe_tokens("ngram", 2)
+    assert chooser.choose(batch_size=1, ngram_found=True) == "ngram"
+    assert chooser.rate("jit", 1) < chooser.rate("ngram", 1)
