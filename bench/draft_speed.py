@@ -1,0 +1,104 @@
+"""Time the draft's speculation-cache build by phase (glue, fork, tree, publish), bf16 against int8.
+
+Runs the draft engine in this process on one core with one thread, on HumanEval
+prompts, building the cache for K = 4 with 8 branches per step, as the SSD
+deployment does. Writes ``bench/results/draft-speed.md`` and ``.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def time_builds(engine, prompts: list[list[int]], k: int, fanout: list[int], steps: int, client, namespace: str) -> dict[str, float]:
+    from shared import keys
+    from shared.protocol import CacheEntry, encode
+
+    phases: dict[str, list[float]] = {"glue": [], "fork": [], "tree": [], "publish": []}
+    for index, prompt in enumerate(prompts):
+        seq = engine.prefill(f"bench-{index}", prompt)
+        base = len(prompt) - 1
+        tokens = [prompt[-1]] + engine.draft(seq, k)
+        for step in range(steps):
+            build = engine.build_cache(seq, base, tokens, fanout, k)
+            started = time.perf_counter()
+            pipe = client.pipeline(transaction=False)
+            for branch in build.branches:
+                pipe.set(keys.spec_entry(namespace, seq.request_id, step, branch.accepted, branch.token), encode(CacheEntry(tokens=branch.tokens)), px=5000)
+            pipe.execute()
+            phases["publish"].append(time.perf_counter() - started)
+            phases["glue"].append(build.glue_s)
+            phases["fork"].append(build.fork_s)
+            phases["tree"].append(build.tree_s)
+            # Continue as if every draft and the first bonus candidate were accepted.
+            bonus = next(b for b in build.branches if b.accepted == k)
+            base += k + 1
+            tokens = [bonus.token] + bonus.tokens
+        engine.release(seq.request_id)
+    return {phase: 1000 * statistics.median(values) for phase, values in phases.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench.draft_speed", description=__doc__.splitlines()[0])
+    parser.add_argument("--num-prompts", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=8, help="cache builds per prompt")
+    args = parser.parse_args(argv)
+
+    import redis
+    import torch
+    from transformers import AutoTokenizer
+
+    from bench.run_bench import machine_description
+    from services.draft.engine import DraftEngine
+    from services.launcher import default_cpu_split
+    from shared.config import Settings
+    from shared.modeling import load_causal_lm, place_process, quantize_int8
+
+    settings = Settings()
+    _, draft_cpus = default_cpu_split()
+    device = place_process("cpu", 1, draft_cpus)
+    tokenizer = AutoTokenizer.from_pretrained(settings.draft_model)
+    rows = [json.loads(line) for line in (ROOT / "bench" / "data" / "humaneval.jsonl").read_text().splitlines()][: args.num_prompts]
+    prompts = [tokenizer(row["prompt"])["input_ids"] for row in rows]
+    client = redis.Redis.from_url(settings.redis_url)
+    k, fanout = 4, [2, 1, 1, 1, 3]
+
+    results = {}
+    for label in ("bf16", "int8"):
+        if label == "bf16":
+            model = load_causal_lm(settings.draft_model, "bfloat16", device)
+        else:
+            model = quantize_int8(load_causal_lm(settings.draft_model, "float32", device))
+        with torch.inference_mode():
+            results[label] = time_builds(DraftEngine(model, device), prompts, k, fanout, args.steps, client, "draft-speed")
+        del model
+
+    command = "python -m bench.draft_speed " + " ".join(argv if argv is not None else sys.argv[1:])
+    lines = [
+        "# Draft cache-build time by phase",
+        "",
+        f"- command: `{command.strip()}`",
+        f"- machine: {machine_description()}; draft on CPU {draft_cpus or 'any'}, one torch thread",
+        f"- draft: `{settings.draft_model}`; K = {k}, fan-out {fanout} ({sum(fanout)} branches); {len(prompts)} HumanEval prompts x {args.steps} builds; medians in ms",
+        "",
+        "| draft weights | glue | fork | tree (K forwards) | publish | total |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, phases in results.items():
+        lines.append(f"| {label} | {phases['glue']:.1f} | {phases['fork']:.2f} | {phases['tree']:.1f} | {phases['publish']:.2f} | {sum(phases.values()):.1f} |")
+    out = ROOT / "bench" / "results"
+    (out / "draft-speed.json").write_text(json.dumps({"command": command, "results": results}, indent=1))
+    (out / "draft-speed.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
