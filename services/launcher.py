@@ -17,6 +17,8 @@ from pathlib import Path
 
 import redis
 
+from shared.service import redact_url
+
 logger = logging.getLogger("saguaro.launcher")
 
 SERVICES = ("draft", "verify", "gateway")
@@ -126,12 +128,13 @@ class Stack:
         return count
 
     def _resolve_redis(self) -> str:
-        candidates = [self.redis_url, os.environ.get("REDIS_URL"), os.environ.get("SAGUARO_REDIS_URL"), "redis://127.0.0.1:6379/0"]
-        for url in candidates:
-            if url and redis_reachable(url):
-                return url
-        if self.redis_url or os.environ.get("REDIS_URL"):
-            raise ConnectionError(f"Redis at {self.redis_url or os.environ['REDIS_URL']} is not reachable")
+        explicit = self.redis_url or os.environ.get("REDIS_URL") or os.environ.get("SAGUARO_REDIS_URL")
+        if explicit:
+            if redis_reachable(explicit):
+                return explicit
+            raise ConnectionError(f"Redis at {redact_url(explicit)} is not reachable; start it or unset the URL to use a private redis-server")
+        if redis_reachable("redis://127.0.0.1:6379/0"):
+            return "redis://127.0.0.1:6379/0"
         server = shutil.which("redis-server")
         if server is None:
             raise FileNotFoundError("no Redis is reachable and redis-server is not installed; install it or set REDIS_URL")
