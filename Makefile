@@ -43,7 +43,8 @@ test-fast: venv
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: setup
-	$(PY) -m bench.run_bench
+	$(PY) -m bench.run_bench --name humaneval-greedy-8x128
+	$(PY) -m bench.plots bench/results/humaneval-greedy-8x128.json
 
 proto: venv
 	$(PY) scripts/gen_proto.py

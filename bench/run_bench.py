@@ -52,7 +52,7 @@ def load_prompts(name: str, count: int) -> list[str]:
     return [row[field] for row in rows[:count]]
 
 
-def run_saguaro_mode(label: str, env: dict[str, str], prompts: list[list[int]], max_tokens: int, log_dir: Path) -> dict:
+def run_saguaro_mode(label: str, env: dict[str, str], prompts: list[list[int]], max_tokens: int, log_dir: Path, temperature: float = 0.0) -> dict:
     import redis
 
     from bench.direct_client import generate
@@ -67,7 +67,8 @@ def run_saguaro_mode(label: str, env: dict[str, str], prompts: list[list[int]], 
         generate(client, namespace, prompts[0], temperature=0.0, max_tokens=4, ignore_eos=True, timeout_s=600)
         for index, prompt_ids in enumerate(prompts):
             started = time.perf_counter()
-            result = generate(client, namespace, prompt_ids, temperature=0.0, max_tokens=max_tokens, ignore_eos=True, timeout_s=1800)
+            # Seeds follow the prompt index, so every mode samples the same tokens at T > 0.
+            result = generate(client, namespace, prompt_ids, temperature=temperature, seed=index, max_tokens=max_tokens, ignore_eos=True, timeout_s=1800)
             wall = time.perf_counter() - started
             if result.finish is None:
                 raise RuntimeError(f"{label}: request {index} failed: {result.error}")
@@ -160,7 +161,8 @@ def render_markdown(result: dict) -> str:
         "",
         f"- command: `{result['command']}`",
         f"- machine: {result['machine']}",
-        f"- prompts: {result['num_prompts']} from {result['prompt_set']}, {result['max_tokens']} new tokens each (EOS ignored), greedy",
+        f"- prompts: {result['num_prompts']} from {result['prompt_set']}, {result['max_tokens']} new tokens each (EOS ignored), "
+        + ("greedy" if result.get("temperature", 0.0) == 0.0 else f"temperature {result['temperature']}, seed = prompt index"),
         f"- placement: {result['placement']}",
         f"- models: target `{result['target_model']}` (bfloat16), draft `{result['draft_model']}` ({result['draft_precision']})",
         f"- started {result['started']}, took {result['elapsed_s'] / 60:.1f} min",
@@ -180,7 +182,7 @@ def render_markdown(result: dict) -> str:
     lines += ["", "Ratios (decode tokens/s, same run):", ""]
     for name, value in result["ratios"].items():
         lines.append(f"- {name}: {value:.2f}")
-    lines += ["", f"Greedy outputs identical across Saguaro modes: {result['outputs_identical']}", ""]
+    lines += ["", f"Outputs identical across Saguaro modes: {result['outputs_identical']}", ""]
     return "\n".join(lines)
 
 
@@ -193,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sd-k", type=int, default=4, help="K in SD mode")
     parser.add_argument("--ssd-k", type=int, default=4, help="K in SSD mode")
     parser.add_argument("--fanout-budget", type=int, default=8, help="MQ_LEN in SSD mode")
+    parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature of the Saguaro modes; Hugging Face assisted generation runs only at 0")
     parser.add_argument("--name", default="", help="result file name (default: <prompt set>-<date>)")
     parser.add_argument("--out-dir", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args(argv)
@@ -217,12 +220,15 @@ def main(argv: list[str] | None = None) -> int:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     for mode in modes:
         if mode == "hf":
+            if args.temperature != 0.0:
+                logger.warning("skipping Hugging Face assisted generation: it runs greedy only here")
+                continue
             runs.append(run_hf_assisted(settings.target_model, settings.draft_model, prompts, args.max_tokens, verify_cpus))
             continue
         k = args.sd_k if mode == "sd" else args.ssd_k
         env = {"SAGUARO_MODE": mode, "SAGUARO_NUM_SPECULATIVE_TOKENS": str(k), "SAGUARO_FANOUT_BUDGET": str(args.fanout_budget)}
         label = mode if mode == "ar" else f"{mode} K={k}"
-        runs.append(run_saguaro_mode(label, env, prompts, args.max_tokens, log_dir))
+        runs.append(run_saguaro_mode(label, env, prompts, args.max_tokens, log_dir, args.temperature))
 
     by_mode = {run["label"].split()[0]: run for run in runs}
     ratios = {}
@@ -239,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         "prompt_set": args.prompt_set,
         "num_prompts": len(prompts),
         "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
         "target_model": settings.target_model,
         "draft_model": settings.draft_model,
         "draft_precision": "int8 dynamic quantization" if settings.draft_quantization == "int8" else settings.dtype,
