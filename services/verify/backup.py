@@ -1,7 +1,7 @@
 """Backup speculation after a cache miss, and the choice between backups.
 
-Three backups exist. ``jit`` asks the draft for K tokens, as SD does, so the
-target waits for it. ``ngram`` looks the latest tokens up in the prompt and
+Three backups exist. ``jit`` requests K tokens from the draft, as SD does, so
+the target waits for it. ``ngram`` looks the latest tokens up in the prompt and
 the output so far (prompt lookup), which costs nothing but often finds
 nothing. ``none`` verifies the root alone, one autoregressive step, while the
 draft builds the cache for it with the whole fan-out budget on the next token.
@@ -45,7 +45,7 @@ class BackupChooser:
     """Pick the backup with the highest expected tokens per second, from measured times and yields.
 
     A JIT draft of one request delays every request verified in the same batch,
-    so its time counts once per request in the batch; n-gram and none cost no
+    so its time counts once per request in the batch. N-gram and none cost no
     draft time. Expected committed tokens per step are measured per backup.
     """
 
