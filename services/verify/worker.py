@@ -301,6 +301,11 @@ class VerifyWorker:
             self.fail(rid, active.message_id, f"decoding failed: {type(exc).__name__}: {exc}", "internal_error")
 
     def step(self, active: ActiveRequest) -> None:
+        output = active.output
+        remaining = min(active.request.sampling.max_tokens - len(output.token_ids), self.settings.max_model_len - output.prompt_len - len(output.token_ids))
+        if len(active.drafts) >= remaining:
+            # A step commits at most len(drafts) + 1 tokens; drafts past the limit would be cut anyway.
+            active.drafts = active.drafts[: max(0, remaining - 1)]
         drafts = active.drafts
         if self.settings.mode == "ssd" and active.draft_address is not None:
             self.request_cache(active)
