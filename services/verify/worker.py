@@ -11,6 +11,10 @@ One step of a request, in SSD mode:
    (JIT) speculation.
 SD mode replaces steps 1 and 4 by a plain draft request after each step, and
 AR mode verifies no drafts at all.
+
+NOTE: up to ``max_num_seqs`` requests are interleaved, one target forward per
+request and step; there is no continuous batching of several requests into one
+forward yet, so concurrency shares the target's time instead of multiplying it.
 """
 
 from __future__ import annotations
