@@ -5,8 +5,10 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
-# The CPU build of torch; set TORCH_SPEC=torch for a CUDA machine.
+# torch 2.13.0. Where pip has no CPU wheel of it at hand (these machines keep one on disk),
+# PyPI serves the CUDA build: set TORCH_INDEX_URL to a CPU wheel index to get the CPU build.
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX_URL ?=
 MODEL_DIR ?= $(HOME)/.cache/saguaro/models
 PYTEST_ARGS ?=
 
@@ -21,7 +23,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet "$(TORCH_SPEC)"
+	$(PIP) install --quiet "$(TORCH_SPEC)" $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
 	$(PIP) install --quiet -e ".[test,bench]"
 	# transformers 5 lists `kernels`, which loads kernels from a model hub; Saguaro never uses it.
 	$(PIP) uninstall --quiet --yes kernels || true

@@ -47,6 +47,8 @@ def serve_main(argv: list[str]) -> int:
     stack = Stack(env=env, log_dir=Path(args.log_dir), gateway_port=args.port)
     stack.start()
     print(f"Saguaro is serving on {stack.base_url} (OpenAI API under /v1); logs in {args.log_dir}. Press Ctrl-C to stop.", flush=True)
+    for name in stack.processes:
+        print(f"  {name}: metrics at {stack.metrics_url(name)}", flush=True)
     stopping = False
 
     def on_signal(signum, frame) -> None:
