@@ -60,6 +60,8 @@ logger = logging.getLogger("saguaro.verify")
 
 # How often a verify replica looks for requests left by replicas that died, seconds.
 RECLAIM_INTERVAL_S = 2.0
+# Steps after which a request's fan-out follows its own statistics instead of the replica's.
+REQUEST_FANOUT_MIN_STEPS = 32
 
 
 @dataclass
@@ -79,6 +81,10 @@ class ActiveRequest:
     first_token_at: float | None = None
     # Kind of the backup whose speculation the next step verifies, if any.
     pending_backup: str | None = None
+    # This request's own fan-out statistics, for speculations that came from the cache.
+    fanout: AdaptiveFanout | None = None
+    # Where the speculation behind the pending cache build came from: "hit" (the cache) or "miss" (a backup).
+    cache_source: str = "hit"
 
     @property
     def request_id(self) -> str:
@@ -119,13 +125,19 @@ class VerifyWorker:
         self.active: list[ActiveRequest] = []
         self.stopped = threading.Event()
         self.acceptance = AcceptanceEstimate(settings.fanout_acceptance_rate)
-        self.adaptive = AdaptiveFanout(self.k, settings.fanout_budget, settings.fanout_acceptance_rate, settings.fanout_miss_exponent)
+        # Separate statistics after a hit and after a miss: a backup speculation is often
+        # weaker, so the next step's acceptance lengths are shorter.
+        self.adaptive = {source: self.new_fanout_policy() for source in ("hit", "miss")}
         self.backups = BackupChooser()
         self._logged_fanout: list[int] = []
         self._fanout_logged_at = 0.0
         self.stream = keys.request_stream(self.ns)
         self._reclaimed_at = 0.0
         self.ensure_group()
+
+    def new_fanout_policy(self) -> AdaptiveFanout:
+        s = self.settings
+        return AdaptiveFanout(self.k, s.fanout_budget, s.fanout_acceptance_rate, s.fanout_miss_exponent)
 
     # -- admission ---------------------------------------------------------------
 
@@ -235,6 +247,7 @@ class VerifyWorker:
             admitted_at=admitted_at,
             draft_address=draft_address,
             draft_anchor=len(context) - 1,
+            fanout=self.new_fanout_policy(),
         )
         if generated:
             active.first_token_at = admitted_at
@@ -365,18 +378,24 @@ class VerifyWorker:
             metrics.NUM_ACCEPTED_TOKENS.inc(accepted)
             self.acceptance.observe(accepted, drafted)
             if drafted == self.k:
-                self.adaptive.observe_outcome(accepted)
+                source = "miss" if active.pending_backup is not None else "hit"
+                self.adaptive[source].observe_outcome(accepted)
+                if source == "hit":
+                    active.fanout.observe_outcome(accepted)
 
     # -- speculation ----------------------------------------------------------------
 
-    def fanout(self, num_drafts: int) -> list[int]:
+    def fanout(self, active: ActiveRequest, num_drafts: int) -> list[int]:
         if num_drafts != self.k:
             # A backup speculation shorter than K: spread the budget by the geometric rule.
             return geometric_fanout(num_drafts, self.settings.fanout_budget, self.acceptance.rate, self.settings.fanout_miss_exponent)
         if self.settings.fanout:
             return list(self.settings.fanout)
         if self.settings.fanout_policy == "adaptive":
-            lists = self.adaptive.allocation()
+            policy = self.adaptive[active.cache_source]
+            if active.cache_source == "hit" and active.stats.steps >= REQUEST_FANOUT_MIN_STEPS:
+                policy = active.fanout
+            lists = policy.allocation()
         else:
             lists = geometric_fanout(self.k, self.settings.fanout_budget, self.acceptance.rate, self.settings.fanout_miss_exponent)
         if lists != self._logged_fanout and time.monotonic() - self._fanout_logged_at > 30.0:
@@ -393,13 +412,14 @@ class VerifyWorker:
 
     def request_cache(self, active: ActiveRequest) -> None:
         base, tail = self._tail(active)
+        active.cache_source = "miss" if active.pending_backup is not None else "hit"
         message = BuildCacheRequest(
             request_id=active.request_id,
             step=active.step,
             base_len=base,
             tokens=tail + active.drafts,
             root_offset=len(tail) - 1,
-            fanout=self.fanout(len(active.drafts)),
+            fanout=self.fanout(active, len(active.drafts)),
             k=self.k,
             ttl_s=self.settings.cache_ttl_s,
         )
@@ -459,7 +479,10 @@ class VerifyWorker:
         active.stats = active.stats.model_copy(update={"cache_build_s": active.stats.cache_build_s + ready.build_s})
         if accepted < len(ready.candidates) and len(ready.candidates) == self.k + 1:
             ranked = ready.candidates[accepted]
-            self.adaptive.observe_rank(accepted, ranked.index(active.seq.root) if active.seq.root in ranked else None)
+            rank = ranked.index(active.seq.root) if active.seq.root in ranked else None
+            self.adaptive[active.cache_source].observe_rank(accepted, rank)
+            if active.cache_source == "hit":
+                active.fanout.observe_rank(accepted, rank)
         value = self.redis.get(keys.spec_entry(self.ns, rid, step, accepted, active.seq.root))
         if value is None:
             metrics.CACHE_LOOKUPS.labels("miss").inc()
