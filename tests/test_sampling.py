@@ -94,7 +94,7 @@ def test_argmax_acceptance_pitfall_is_detected():
     assert chi_square_pvalue(counts, P.numpy()) < ALPHA
 
 
-def test_temperature_top_k_top_p_sampling_matches_processed_distribution():
+def test_processed_sampling_distribution():
     logits = torch.log(P)[None].float() * 2.0
     params = SamplingParams(temperature=0.7, top_k=5, top_p=0.9, seed=0)
     processed = torch.softmax(process_logits(logits, params).double(), dim=-1)[0]
@@ -108,7 +108,7 @@ def test_temperature_top_k_top_p_sampling_matches_processed_distribution():
     assert chi_square_pvalue(counts[support], processed.numpy()[support]) > ALPHA
 
 
-def test_top_p_keeps_the_token_that_crosses_the_threshold():
+def test_top_p_keeps_crossing_token():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     kept = process_logits(logits, SamplingParams(temperature=1.0, top_p=0.6)).isfinite()[0].tolist()
     assert kept == [True, True, False, False]
@@ -122,7 +122,7 @@ def test_top_k_keeps_k_tokens():
     assert kept == [False, True, True, False]
 
 
-def test_rejection_sample_with_full_q_is_distributed_as_p():
+def test_rejection_sample_matches_p():
     q = torch.tensor([0.1, 0.4, 0.2, 0.1, 0.1, 0.1], dtype=torch.float64)
     rng = np.random.default_rng(1)
     counts = np.zeros(len(P))

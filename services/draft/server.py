@@ -1,4 +1,4 @@
-"""Draft service: answers verify replicas over ZeroMQ and publishes the speculation cache to Redis."""
+"""Draft service: serves verify replicas over ZeroMQ and publishes the speculation cache to Redis."""
 
 from __future__ import annotations
 
@@ -100,10 +100,10 @@ class DraftServer:
     def _sequence(self, request_id: str, base_len: int):
         seq = self.engine.sequences.get(request_id)
         if seq is None:
-            raise UnknownRequest("the draft holds no state for this request")
+            raise UnknownRequest("request not found: this draft replica has no state for it")
         if base_len > len(seq.ids):
             self.engine.release(request_id)
-            raise UnknownRequest(f"base_len {base_len} is beyond the {len(seq.ids)} tokens the draft holds")
+            raise UnknownRequest(f"invalid base_len {base_len}: this draft replica has only {len(seq.ids)} tokens of the request")
         return seq
 
     def prefill(self, message: PrefillRequest):

@@ -1,14 +1,14 @@
 """The verify loop: admit requests, verify speculation, commit tokens, fetch the next speculation.
 
 One step of a request, in SSD mode:
-1. tell the draft which speculation [r, s1..sK] is about to be verified
+1. Tell the draft which speculation [r, s1..sK] is about to be verified
    (``BuildCacheRequest``), so it builds the cache for that step's outcomes
-   while the target runs;
-2. verify: one target forward, exact acceptance, commit;
-3. stream the committed tokens to the request's events stream, stop if finished;
-4. look up the speculation for the outcome (j, c) in the Redis cache once the
-   draft reports the cache ready; on a miss ask the draft for a just-in-time
-   (JIT) speculation.
+   while the target runs.
+2. Verify: one target forward, exact acceptance, commit.
+3. Stream the committed tokens to the request's events stream, and stop if finished.
+4. Once the draft reports the cache ready, look up the speculation for the
+   outcome (j, c) in Redis. On a miss, run a backup speculation (see
+   ``services.verify.backup``).
 SD mode replaces steps 1 and 4 by a plain draft request after each step, and
 AR mode verifies no drafts at all.
 
@@ -211,6 +211,7 @@ class VerifyWorker:
         prompt_len = len(request.prompt_token_ids)
         context = request.prompt_token_ids + generated
         admitted_at = time.time()
+
         draft_address = None
         if self.settings.mode != "ar" and self.drafts is not None:
             draft_address = self.drafts.assign()
@@ -219,6 +220,7 @@ class VerifyWorker:
             else:
                 self.drafts.track(rid)
                 self.drafts.send(draft_address, PrefillRequest(request_id=rid, prompt_token_ids=context, k=self.k))
+
         state_key = keys.state(self.ns, rid)
         pipe = self.redis.pipeline(transaction=False)
         pipe.hset(state_key, mapping={"status": "running", "verify": self.replica_id, "draft": draft_address or ""})
@@ -232,6 +234,7 @@ class VerifyWorker:
             self.release_draft(rid, draft_address)
             return
         metrics.PROMPT_TOKENS.inc(prompt_len)
+
         output = OutputState(self.tokenizer, request.sampling, self.eos_ids, prompt_len, self.settings.max_model_len)
         if generated:
             # Streamed tokens are committed already; the last one is the root of the next step.
@@ -476,6 +479,7 @@ class VerifyWorker:
         if isinstance(ready, ErrorReply) or ready is None:
             self.draft_lost(active, ready)
             return None
+
         active.stats = active.stats.model_copy(update={"cache_build_s": active.stats.cache_build_s + ready.build_s})
         if accepted < len(ready.candidates) and len(ready.candidates) == self.k + 1:
             ranked = ready.candidates[accepted]
@@ -483,6 +487,7 @@ class VerifyWorker:
             self.adaptive[active.cache_source].observe_rank(accepted, rank)
             if active.cache_source == "hit":
                 active.fanout.observe_rank(accepted, rank)
+
         value = self.redis.get(keys.spec_entry(self.ns, rid, step, accepted, active.seq.root))
         if value is None:
             metrics.CACHE_LOOKUPS.labels("miss").inc()
@@ -562,6 +567,7 @@ class VerifyWorker:
         stats = active.stats.model_copy(update={"decode_s": now - first})
         if completion > 1:
             metrics.TIME_PER_OUTPUT_TOKEN.observe((now - first) / (completion - 1))
+
         # Flush text held back while it could still have become a stop string.
         tail = active.output.take_delta() if active.output.finish is not None else ""
         events_key = keys.events(self.ns, rid)
