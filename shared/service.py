@@ -15,15 +15,17 @@ import redis
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from shared import keys
-from shared.protocol import ReplicaInfo, encode
+from shared.protocol import ReplicaInfo, decode, encode
 
 logger = logging.getLogger("saguaro.service")
 
 
 class JsonFormatter(logging.Formatter):
+    """One JSON object per record: UTC time, level, logger, message, request id and exception if any."""
+
     def format(self, record: logging.LogRecord) -> str:
         entry = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
@@ -32,8 +34,8 @@ class JsonFormatter(logging.Formatter):
         if request_id:
             entry["request_id"] = request_id
         if record.exc_info:
-            entry["exc_info"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
 
 
 def setup_logging(level: str, json_lines: bool) -> None:
@@ -52,7 +54,7 @@ def default_replica_id(role: str) -> str:
 
 
 def connect_redis(url: str) -> redis.Redis:
-    """Connect to Redis (redis://, rediss:// for TLS, passwords in the URL) and check it answers."""
+    """Connect to Redis (redis://, rediss:// for TLS, passwords in the URL) and check that it responds."""
     client = redis.Redis.from_url(url, socket_connect_timeout=5, health_check_interval=30)
     try:
         client.ping()
@@ -110,8 +112,6 @@ class Heartbeat(threading.Thread):
 
 
 def live_replicas(client: redis.Redis, namespace: str, role: str) -> list[ReplicaInfo]:
-    from shared.protocol import decode
-
     found = []
     for key in client.scan_iter(match=keys.replica_pattern(namespace, role), count=100):
         value = client.get(key)

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import sys
-import time
 
 import uvicorn
 
-from shared.config import Settings, add_settings_flags, settings_from_args
+from shared.config import add_settings_flags, settings_from_args
 from services.gateway.app import create_app
+from shared.service import setup_logging
 
 GATEWAY_FLAGS = [
     "redis_url",
@@ -32,32 +30,6 @@ GATEWAY_FLAGS = [
 ]
 
 
-class JsonFormatter(logging.Formatter):
-    """One JSON object per record: time, level, logger, message and the exception if any."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False)
-
-
-def setup_logging(settings: Settings) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if settings.log_json:
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(settings.log_level.upper())
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="saguaro-gateway",
@@ -66,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     add_settings_flags(parser, GATEWAY_FLAGS)
     args = parser.parse_args(argv)
     settings = settings_from_args(args)
-    setup_logging(settings)
+    setup_logging(settings.log_level, settings.log_json)
 
     app = create_app(settings)
     uvicorn.run(
