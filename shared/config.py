@@ -87,7 +87,7 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="accepted Bearer API keys; empty disables authentication")
     max_tokens_limit: int = Field(4096, ge=1, description="largest max_tokens a request may ask for")
     max_request_bytes: int = Field(1_000_000, ge=1024, description="largest request body the gateway accepts, bytes")
-    max_queue_depth: int = Field(256, ge=1, description="admitted but unfinished requests above which the gateway answers 429")
+    max_queue_depth: int = Field(256, ge=1, description="admitted but unfinished requests above which the gateway responds with 429")
     request_timeout_s: float = Field(600.0, gt=0, description="time after which the gateway gives up on a request, seconds")
 
     @field_validator("fanout", "api_keys", mode="before")

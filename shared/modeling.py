@@ -53,7 +53,7 @@ def place_process(device: str, threads: int, cpus: str) -> torch.device:
 
 
 def require_model_dir(path: str) -> Path:
-    """Return ``path`` as a Path; raise FileNotFoundError with the fix if it holds no model config."""
+    """Return ``path`` as a Path; raise FileNotFoundError with the fix if it contains no model config."""
     directory = Path(path)
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(

@@ -27,7 +27,7 @@ def check_tokenizer_against_target(settings, draft_tokenizer) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="saguaro-draft", description="Saguaro draft service: holds the draft model and builds the speculation cache.")
+    parser = argparse.ArgumentParser(prog="saguaro-draft", description="Saguaro draft service: runs the draft model and builds the speculation cache.")
     add_settings_flags(parser)
     settings = settings_from_args(parser.parse_args(argv))
     setup_logging(settings.log_level, settings.log_json)

@@ -1,6 +1,6 @@
 """Target model runner: prefill and one verification forward per step.
 
-The target KV holds every committed token except the last one, r. A step runs
+The target KV contains every committed token except the last one, r. A step runs
 one forward over ``[r, s1..sK]`` and yields the committed tokens x_0..x_K for
 the K + 1 positions after r (see ``shared.sampling`` for how they are drawn).
 After j drafts are accepted the KV of ``r, s1..sj`` is kept and the rest dropped.

@@ -17,7 +17,7 @@ logger = logging.getLogger("saguaro.verify")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="saguaro-verify", description="Saguaro verify service: holds the target model and runs the verify loop.")
+    parser = argparse.ArgumentParser(prog="saguaro-verify", description="Saguaro verify service: runs the target model and the verify loop.")
     add_settings_flags(parser)
     settings = settings_from_args(parser.parse_args(argv))
     setup_logging(settings.log_level, settings.log_json)

@@ -13,8 +13,8 @@ SD mode replaces steps 1 and 4 by a plain draft request after each step, and
 AR mode verifies no drafts at all.
 
 NOTE: up to ``max_num_seqs`` requests are interleaved, one target forward per
-request and step; there is no continuous batching of several requests into one
-forward yet, so concurrency shares the target's time instead of multiplying it.
+request and step. There is no continuous batching of several requests into one
+forward yet, so concurrent requests share the target's time.
 """
 
 from __future__ import annotations
