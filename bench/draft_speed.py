@@ -25,7 +25,7 @@ def time_builds(engine, prompts: list[list[int]], k: int, fanout: list[int], ste
     for index, prompt in enumerate(prompts):
         seq = engine.prefill(f"bench-{index}", prompt)
         base = len(prompt) - 1
-        tokens = [prompt[-1]] + engine.draft(seq, k)
+        tokens = [prompt[-1]] + engine.draft(seq, k)[0]
         for step in range(steps):
             build = engine.build_cache(seq, base, tokens, fanout, k)
             started = time.perf_counter()

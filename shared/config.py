@@ -59,6 +59,20 @@ class Settings(BaseSettings):
         "auto",
         description="speculation after an SSD cache miss: jit (draft K tokens now), ngram (prompt lookup), none (verify the root alone); auto picks per step from measured times and yields",
     )
+    acceptance: Literal["coupled", "rejection"] = Field(
+        "coupled",
+        description="T > 0 acceptance test. coupled: the draft proposes its argmax and a token is accepted iff it equals the target's seeded sample, "
+        "so a seed gives the same output in every mode; rejection: the draft samples from its distribution q and the verifier runs the "
+        "speculative-sampling test with that q (needed for saguaro_c)",
+    )
+    saguaro_c: float = Field(
+        1.0,
+        ge=0.0,
+        le=1.0,
+        description="Saguaro sampling factor C (SSD, rejection acceptance, T > 0): the draft multiplies the probability of the tokens it caches "
+        "by C, which raises the cache hit rate and lowers acceptance; 1 is plain sampling",
+    )
+    proposal_support: int = Field(32, ge=1, le=4096, description="tokens of the draft's distribution q sent with each sampled draft token (rejection acceptance)")
     cache_ttl_s: float = Field(30.0, gt=0, description="lifetime of speculation-cache entries in Redis, seconds")
     cache_wait_s: float = Field(10.0, gt=0, description="how long the verifier waits for the draft's cache before treating the step as a miss, seconds")
     draft_timeout_s: float = Field(30.0, gt=0, description="how long the verifier waits for a draft reply before decoding without speculation, seconds")
@@ -106,6 +120,10 @@ class Settings(BaseSettings):
             )
         if any(f < 0 for f in self.fanout):
             raise ValueError("fanout entries must be >= 0")
+        if self.saguaro_c < 1.0 and self.acceptance != "rejection":
+            raise ValueError(
+                f"saguaro_c={self.saguaro_c} needs acceptance=rejection: the coupled test drafts the argmax, so there is no q for C to reshape"
+            )
         return self
 
     @property

@@ -124,6 +124,33 @@ class ErrorEvent(_Message):
 # verify <-> draft
 
 
+class ProposalParams(_Message):
+    """How the draft samples its tokens when the verifier runs the rejection test with the draft's q.
+
+    The draft's proposal distribution q at a position is its softmax after
+    ``temperature``, ``top_k`` and ``top_p``, cut to its ``support`` likeliest
+    tokens and renormalised. Saguaro sampling then multiplies the probability of
+    the ``top_f[i]`` likeliest tokens at draft index i by ``saguaro_c`` and
+    renormalises again. The draft samples from that q and sends q with every
+    token, so the verifier tests exactly the distribution the token came from.
+    """
+
+    temperature: float = Field(gt=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0)
+    saguaro_c: float = Field(1.0, ge=0.0, le=1.0)
+    top_f: list[int] = Field(default_factory=list, description="tokens downweighted by saguaro_c at draft index i; missing entries mean 0")
+    support: int = Field(32, ge=1, le=4096, description="tokens q keeps per position")
+
+
+class Proposal(_Message):
+    """The sparse proposal distribution q of one draft token: ``probs[i]`` is q(``ids[i]``), zero elsewhere."""
+
+    ids: list[int]
+    probs: list[float]
+
+
 class PrefillRequest(_Message):
     """Prefill ``prompt_token_ids[:-1]``; if ``k`` > 0, then draft ``k`` tokens after the full prompt (step 0)."""
 
@@ -132,6 +159,7 @@ class PrefillRequest(_Message):
     prompt_token_ids: list[int] = Field(min_length=1)
     k: int = Field(ge=0)
     step: int = Field(0, ge=0, description="step number of the draft reply; nonzero when a lost sequence is rebuilt mid-request")
+    proposal: ProposalParams | None = Field(None, description="sample drafts as described; None drafts the argmax")
 
 
 class DraftRequest(_Message):
@@ -143,6 +171,7 @@ class DraftRequest(_Message):
     base_len: int = Field(ge=0)
     tokens: list[int] = Field(min_length=1)
     k: int = Field(ge=1)
+    proposal: ProposalParams | None = None
 
 
 class DraftReply(_Message):
@@ -151,6 +180,8 @@ class DraftReply(_Message):
     step: int
     tokens: list[int]
     elapsed_s: float
+    # One q per token when the request carried proposal parameters, else empty (argmax drafts).
+    proposals: list[Proposal] = Field(default_factory=list)
 
 
 class BuildCacheRequest(_Message):
@@ -170,6 +201,7 @@ class BuildCacheRequest(_Message):
     fanout: list[int] = Field(description="f_j for j = 0..K")
     k: int = Field(ge=1, description="draft tokens per cached speculation")
     ttl_s: float = Field(gt=0)
+    proposal: ProposalParams | None = None
 
 
 class CacheReady(_Message):
@@ -207,6 +239,7 @@ class ErrorReply(_Message):
 class CacheEntry(_Message):
     type: Literal["cache_entry"] = "cache_entry"
     tokens: list[int]
+    proposals: list[Proposal] = Field(default_factory=list)
 
 
 # heartbeats

@@ -15,6 +15,16 @@ one-hot), and it is exact for any proposal that does not look at the noise.
 Because the noise depends only on the seed and the position, a request's
 output is the same in AR, SD and SSD mode and with any speculation, hit or
 miss. At temperature 0, ``x_n`` is the target's argmax.
+
+The rejection path (``verify_with_proposals``) is standard speculative
+sampling: the draft samples each token from a proposal distribution q that it
+sends along (see ``proposal_distributions``), the verifier accepts token s with
+probability min(1, p(s) / q(s)) and on rejection draws the committed token
+from normalise(max(0, p - q)). It exists for Saguaro sampling, which reshapes
+q so that rejected positions land on the tokens the draft cached. Its uniforms
+come from their own (seed, position) streams, so each is used at most once: a
+position is tested only while every earlier one was accepted, and a tested
+position is committed.
 """
 
 from __future__ import annotations
@@ -23,8 +33,15 @@ import torch
 
 from shared.protocol import SamplingParams
 
+from shared.protocol import Proposal, ProposalParams
+
 _SEED_MIX = 0x9E3779B97F4A7C15
 _MASK63 = (1 << 63) - 1
+# Independent random streams per (seed, position).
+STREAM_TARGET = 0
+STREAM_DRAFT = 1
+STREAM_ACCEPT = 2
+STREAM_RESIDUAL = 3
 
 
 def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -53,11 +70,20 @@ def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
     return logits
 
 
-def position_noise(seed: int, position: int, vocab_size: int) -> torch.Tensor:
-    """Return Gumbel noise [vocab_size] for one sequence position, a pure function of (seed, position)."""
+def _generator(seed: int, position: int, stream: int) -> torch.Generator:
     generator = torch.Generator(device="cpu")
-    generator.manual_seed(((seed * _SEED_MIX) ^ (position + 1) * 0xBF58476D1CE4E5B9) & _MASK63)
-    uniform = torch.rand(vocab_size, generator=generator, dtype=torch.float64)
+    generator.manual_seed(((seed * _SEED_MIX) ^ (position + 1) * 0xBF58476D1CE4E5B9 ^ stream * 0x94D049BB133111EB) & _MASK63)
+    return generator
+
+
+def position_uniform(seed: int, position: int, stream: int) -> float:
+    """Return one uniform in [0, 1) of ``stream``, a pure function of (seed, position, stream)."""
+    return float(torch.rand(1, generator=_generator(seed, position, stream), dtype=torch.float64))
+
+
+def position_noise(seed: int, position: int, vocab_size: int, stream: int = STREAM_TARGET) -> torch.Tensor:
+    """Return Gumbel noise [vocab_size] for one sequence position, a pure function of (seed, position, stream)."""
+    uniform = torch.rand(vocab_size, generator=_generator(seed, position, stream), dtype=torch.float64)
     uniform = uniform.clamp_(min=1e-300, max=1.0 - 1e-16)
     return -torch.log(-torch.log(uniform))
 
@@ -123,3 +149,72 @@ def logprobs_of(logits: torch.Tensor, tokens: list[int], top_n: int) -> list[tup
             top = {int(i): float(v) for i, v in zip(ids, values)}
         result.append((float(logp[row, token]), top))
     return result
+
+
+def proposal_distributions(logits: torch.Tensor, params: ProposalParams, draft_indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return the draft's proposal q for each row of ``logits`` [M, V] as (ids [M, N], probs [M, N]).
+
+    Row m is for draft index ``draft_indices[m]`` (0 for the first token of a
+    speculation). q keeps the ``params.support`` likeliest tokens, likeliest
+    first, and multiplies the first ``top_f[i]`` of them by ``saguaro_c``. If
+    that leaves no mass (C = 0 and every kept token downweighted), the row
+    stays unreshaped.
+    """
+    sampling = SamplingParams(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p)
+    weights = process_logits(logits, sampling)
+    support = min(params.support, weights.shape[-1])
+    top_weights, ids = torch.topk(weights, support, dim=-1)
+    probs = torch.softmax(top_weights.double(), dim=-1)
+    if params.saguaro_c < 1.0:
+        ranks = torch.arange(support)
+        limits = torch.tensor([params.top_f[i] if i < len(params.top_f) else 0 for i in draft_indices])
+        scale = torch.where(ranks[None, :] < limits[:, None], params.saguaro_c, 1.0).double()
+        reshaped = probs * scale
+        totals = reshaped.sum(dim=-1, keepdim=True)
+        probs = torch.where(totals > 0, reshaped / totals.clamp(min=1e-300), probs)
+    return ids, probs
+
+
+def sample_proposals(ids: torch.Tensor, probs: torch.Tensor, seed: int, positions: list[int]) -> tuple[list[int], list[Proposal]]:
+    """Sample one token per row from q by Gumbel-max with draft noise of (seed, position); return tokens and q."""
+    tokens = []
+    proposals = []
+    logq = torch.log(probs)
+    for row, position in enumerate(positions):
+        noise = position_noise(seed, position, ids.shape[-1], STREAM_DRAFT)
+        choice = int(torch.argmax(logq[row] + noise))
+        tokens.append(int(ids[row, choice]))
+        proposals.append(Proposal(ids=ids[row].tolist(), probs=probs[row].tolist()))
+    return tokens, proposals
+
+
+def verify_with_proposals(
+    logits: torch.Tensor, params: SamplingParams, drafts: list[int], proposals: list[Proposal], positions: list[int]
+) -> tuple[int, list[int]]:
+    """Run the speculative-sampling test on ``drafts`` with their proposals; return (accepted, committed).
+
+    ``logits`` [len(drafts) + 1, V] are the target's for ``positions``. After all
+    drafts are accepted the bonus token is the coupled sample of the last row.
+    A draft without a proposal counts as proposed with certainty (q one-hot),
+    which is how n-gram drafts are tested.
+    """
+    weights = process_logits(logits, params).double()
+    p = torch.softmax(weights, dim=-1)
+    vocab = p.shape[-1]
+    for index, token in enumerate(drafts):
+        q = torch.zeros(vocab, dtype=torch.float64)
+        if index < len(proposals):
+            q[torch.tensor(proposals[index].ids, dtype=torch.long)] = torch.tensor(proposals[index].probs, dtype=torch.float64)
+        else:
+            q[token] = 1.0
+        if float(q[token]) <= 0.0:
+            raise ValueError(f"draft token {token} at index {index} has probability 0 under its own proposal")
+        position = positions[index]
+        accepted, committed = rejection_sample(
+            p[index], q, token, position_uniform(params.seed, position, STREAM_ACCEPT), position_uniform(params.seed, position, STREAM_RESIDUAL)
+        )
+        if not accepted:
+            return index, drafts[:index] + [committed]
+    last = len(drafts)
+    bonus = int(torch.argmax(weights[last] + position_noise(params.seed, positions[last], vocab)))
+    return last, drafts + [bonus]

@@ -289,3 +289,20 @@ def test_ssd_backups_stay_exact(backup, tiny_pair, tmp_path_factory, reference):
     if backup == "ngram":
         # Prompt lookup falls back to none when it finds no match.
         assert set(runs) <= {"ngram", "none"}
+
+
+def test_rejection_acceptance_with_saguaro_c(tiny_pair, tmp_path_factory, reference):
+    """Rejection acceptance with C = 0.5: greedy output stays exact, sampled output runs with cache hits and seeds repeat."""
+    deployment = start_stack(tiny_pair, tmp_path_factory, "ssd", acceptance="rejection", saguaro_c=0.5)
+    try:
+        client, ns = redis_of(deployment)
+        greedy = generate(client, ns, PROMPTS[0], temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+        assert greedy.token_ids == reference[0]
+        runs = [generate(client, ns, PROMPTS[2], temperature=1.0, seed=seed, max_tokens=30, ignore_eos=True) for seed in (3, 3)]
+    finally:
+        deployment.stop()
+    assert runs[0].token_ids == runs[1].token_ids
+    assert len(runs[0].token_ids) == 30
+    stats = runs[0].finish.stats
+    assert stats.cache_hits > 0
+    assert stats.accepted_tokens > 0

@@ -22,6 +22,8 @@ import torch
 from transformers import DynamicCache
 
 from shared.modeling import crop_cache
+from shared.protocol import Proposal, ProposalParams
+from shared.sampling import proposal_distributions, sample_proposals
 
 # Candidates kept per processed position; bounds the fan-out of one acceptance length.
 MAX_CANDIDATES = 16
@@ -40,12 +42,17 @@ class DraftSequence:
     last_used: float = field(default_factory=time.monotonic)
     # Redis keys of the speculation-cache entries published for the latest step.
     published_keys: list[str] = field(default_factory=list)
+    # How drafts are sampled; None drafts the argmax.
+    proposal: ProposalParams | None = None
+    # The draft's logits [V] after the last token in ``ids``.
+    last_logits: torch.Tensor | None = None
 
     def crop(self, length: int) -> None:
         if length < len(self.ids):
             crop_cache(self.cache, length)
             del self.ids[length:]
             del self.candidates[length:]
+            self.last_logits = None
 
 
 @dataclass
@@ -53,6 +60,7 @@ class Branch:
     accepted: int  # j, drafts accepted before the branch
     token: int  # c, the committed token the branch starts with
     tokens: list[int] = field(default_factory=list)  # the K draft tokens decoded after c
+    proposals: list[Proposal] = field(default_factory=list)  # q of each token when drafts are sampled
 
 
 @dataclass
@@ -99,6 +107,18 @@ class DraftEngine:
         top = torch.topk(logits.float(), MAX_CANDIDATES, dim=-1).indices.tolist()
         seq.ids.extend(tokens)
         seq.candidates.extend(top)
+        seq.last_logits = logits[-1]
+
+    def choose(self, seq: DraftSequence, logits: torch.Tensor, positions: list[int], draft_indices: list[int]) -> tuple[list[int], list[Proposal]]:
+        """Pick the draft token for each row of ``logits``: the argmax, or a sample of the sequence's proposal q.
+
+        ``positions`` are the sequence positions of the tokens being chosen and
+        ``draft_indices`` their index within a speculation (0 for s1).
+        """
+        if seq.proposal is None:
+            return torch.argmax(logits, dim=-1).tolist(), []
+        ids, probs = proposal_distributions(logits, seq.proposal, draft_indices)
+        return sample_proposals(ids, probs, seq.proposal.seed, positions)
 
     def prefill(self, request_id: str, prompt_ids: list[int]) -> DraftSequence:
         """Start a sequence with the KV of ``prompt_ids``."""
@@ -125,13 +145,28 @@ class DraftEngine:
 
     # -- drafting -------------------------------------------------------------
 
-    def draft(self, seq: DraftSequence, k: int) -> list[int]:
-        """Greedily draft ``k`` tokens after the sequence's last token (k - 1 forwards)."""
-        drafted = [seq.candidates[-1][0]]
-        while len(drafted) < k:
-            self._extend(seq, [drafted[-1]])
-            drafted.append(seq.candidates[-1][0])
-        return drafted
+    def draft(self, seq: DraftSequence, k: int) -> tuple[list[int], list[Proposal]]:
+        """Draft ``k`` tokens after the sequence's last token (k - 1 forwards); return them and their q, if sampled."""
+        if seq.proposal is None:
+            drafted = [seq.candidates[-1][0]]
+            while len(drafted) < k:
+                self._extend(seq, [drafted[-1]])
+                drafted.append(seq.candidates[-1][0])
+            return drafted, []
+        if seq.last_logits is None:
+            # Cropping dropped the logits; recompute them from the last token.
+            last = seq.ids[-1]
+            seq.crop(len(seq.ids) - 1)
+            self._extend(seq, [last])
+        drafted: list[int] = []
+        proposals: list[Proposal] = []
+        while True:
+            tokens, qs = self.choose(seq, seq.last_logits[None], [len(seq.ids)], [len(drafted)])
+            drafted.extend(tokens)
+            proposals.extend(qs)
+            if len(drafted) == k:
+                return drafted, proposals
+            self._extend(seq, tokens)
 
     # -- speculation cache ---------------------------------------------------
 
@@ -188,9 +223,11 @@ class DraftEngine:
                 positions = [base_len + branch.accepted + depth for branch in branches]
                 mask = self.tree_mask(base_len, cache_len, branches, depth)
                 logits = self._forward(seq, inputs, positions, mask)
-                inputs = torch.argmax(logits, dim=-1).tolist()
-                for branch, token in zip(branches, inputs):
+                inputs, proposals = self.choose(seq, logits, [p + 1 for p in positions], [depth - 1] * len(branches))
+                for b, (branch, token) in enumerate(zip(branches, inputs)):
                     branch.tokens.append(token)
+                    if proposals:
+                        branch.proposals.append(proposals[b])
         finally:
             crop_cache(seq.cache, cache_len)
 

@@ -110,21 +110,24 @@ class DraftServer:
         started = time.perf_counter()
         self.engine.release(message.request_id)
         seq = self.engine.prefill(message.request_id, message.prompt_token_ids)
+        seq.proposal = message.proposal
         if message.k == 0:
             return None
-        tokens = self.engine.draft(seq, message.k)
-        return DraftReply(request_id=message.request_id, step=message.step, tokens=tokens, elapsed_s=time.perf_counter() - started)
+        tokens, proposals = self.engine.draft(seq, message.k)
+        return DraftReply(request_id=message.request_id, step=message.step, tokens=tokens, proposals=proposals, elapsed_s=time.perf_counter() - started)
 
     def draft(self, message: DraftRequest) -> DraftReply:
         started = time.perf_counter()
         seq = self._sequence(message.request_id, message.base_len)
+        seq.proposal = message.proposal
         self.engine.sync(seq, message.base_len, message.tokens)
-        tokens = self.engine.draft(seq, message.k)
+        tokens, proposals = self.engine.draft(seq, message.k)
         self.drop_published(seq)
-        return DraftReply(request_id=message.request_id, step=message.step, tokens=tokens, elapsed_s=time.perf_counter() - started)
+        return DraftReply(request_id=message.request_id, step=message.step, tokens=tokens, proposals=proposals, elapsed_s=time.perf_counter() - started)
 
     def build_cache(self, message: BuildCacheRequest) -> CacheReady:
         seq = self._sequence(message.request_id, message.base_len)
+        seq.proposal = message.proposal
         build = self.engine.build_cache(seq, message.base_len, message.tokens, message.fanout, message.k, message.root_offset)
         started = time.perf_counter()
         ttl_ms = max(1, int(message.ttl_s * 1000))
@@ -135,7 +138,7 @@ class DraftServer:
         seq.published_keys = []
         for branch in build.branches:
             key = keys.spec_entry(self.namespace, message.request_id, message.step, branch.accepted, branch.token)
-            pipe.set(key, encode(CacheEntry(tokens=branch.tokens)), px=ttl_ms)
+            pipe.set(key, encode(CacheEntry(tokens=branch.tokens, proposals=branch.proposals)), px=ttl_ms)
             seq.published_keys.append(key)
         pipe.execute()
         publish_s = time.perf_counter() - started

@@ -14,8 +14,9 @@ import torch
 from transformers import DynamicCache
 
 from shared.modeling import crop_cache
-from shared.protocol import SamplingParams
-from shared.sampling import accept_prefix, logprobs_of, sample_positions
+from shared.packing import PackedBatch
+from shared.protocol import Proposal, SamplingParams
+from shared.sampling import accept_prefix, logprobs_of, sample_positions, verify_with_proposals
 
 
 @dataclass
@@ -52,6 +53,26 @@ class TargetEngine:
         out = self.model(input_ids=input_ids, position_ids=position_ids, cache=seq.cache, use_cache=True)
         return out.logits[0]
 
+    def forward_batch(self, seqs: list[TargetSequence], token_lists: list[list[int]]) -> list[torch.Tensor]:
+        """Run ``token_lists[i]`` after each sequence's cache in one packed forward; return logits [len, V] per sequence.
+
+        Like ``_forward`` for each sequence: the tokens sit at positions
+        ``len(seqs[i].ids)`` onwards and every sequence's cache keeps the KV of all
+        its new tokens, for the caller to crop.
+        """
+        if len(seqs) != len(token_lists):
+            raise ValueError(f"expected one token list per sequence, got {len(token_lists)} for {len(seqs)} sequences")
+        if not seqs:
+            return []
+        if len(seqs) == 1:
+            return [self._forward(seqs[0], token_lists[0], len(seqs[0].ids))]
+        batch = PackedBatch(self.model, [seq.cache for seq in seqs])
+        positions = [list(range(len(seq.ids), len(seq.ids) + len(tokens))) for seq, tokens in zip(seqs, token_lists)]
+        logits = batch.forward(token_lists, positions)
+        for i, seq in enumerate(seqs):
+            batch.append_to(i, seq.cache)
+        return logits
+
     def prefill(self, request_id: str, prompt_ids: list[int]) -> TargetSequence:
         """Compute the KV of every prompt token but the last, which becomes the root."""
         seq = TargetSequence(request_id=request_id, cache=DynamicCache(config=self.model.config))
@@ -71,15 +92,27 @@ class TargetEngine:
         seq.root = prompt_ids[-1]
         return seq
 
-    def verify(self, seq: TargetSequence, drafts: list[int], params: SamplingParams) -> StepResult:
-        """Verify ``drafts`` after the root; commit the accepted prefix plus one target token."""
+    def verify(self, seq: TargetSequence, drafts: list[int], params: SamplingParams, proposals: list[Proposal] | None = None) -> StepResult:
+        """Verify ``drafts`` after the root; commit the accepted prefix plus one target token.
+
+        With ``proposals`` (the q each draft was sampled from; may be empty for
+        one-hot drafts) and T > 0 the rejection test runs, otherwise the coupled one.
+        """
         base_len = len(seq.ids)
         logits = self._forward(seq, [seq.root] + drafts, base_len)  # [K + 1, V]
+        return self.accept(seq, drafts, logits, params, proposals)
+
+    def accept(self, seq: TargetSequence, drafts: list[int], logits: torch.Tensor, params: SamplingParams, proposals: list[Proposal] | None = None) -> StepResult:
+        """Run the acceptance test on the target's ``logits`` for [root] + drafts, commit, and drop the rejected KV."""
+        base_len = len(seq.ids)
         # Row i predicts the token at position base_len + 1 + i.
         positions = [base_len + 1 + i for i in range(len(drafts) + 1)]
-        targets = sample_positions(logits, params, positions)
-        accepted = accept_prefix(targets, drafts)
-        committed = drafts[:accepted] + [targets[accepted]]
+        if proposals is not None and params.temperature > 0.0:
+            accepted, committed = verify_with_proposals(logits, params, drafts, proposals, positions)
+        else:
+            targets = sample_positions(logits, params, positions)
+            accepted = accept_prefix(targets, drafts)
+            committed = drafts[:accepted] + [targets[accepted]]
         logprobs = None
         if params.logprobs is not None:
             logprobs = logprobs_of(logits[: accepted + 1], committed, params.logprobs)

@@ -47,6 +47,8 @@ from shared.protocol import (
     FinishEvent,
     GenerateRequest,
     PrefillRequest,
+    Proposal,
+    ProposalParams,
     ProtocolError,
     ReleaseRequest,
     TokenEvent,
@@ -77,6 +79,8 @@ class ActiveRequest:
     draft_anchor: int = 0
     step: int = 0
     drafts: list[int] = field(default_factory=list)
+    # The q each draft was sampled from, under rejection acceptance; [] means one-hot drafts.
+    proposals: list[Proposal] = field(default_factory=list)
     cache_pending: bool = False
     first_token_at: float | None = None
     # Kind of the backup whose speculation the next step verifies, if any.
@@ -219,7 +223,8 @@ class VerifyWorker:
                 logger.warning("request %s: no draft replica is alive; decoding without speculation", rid, extra={"request_id": rid})
             else:
                 self.drafts.track(rid)
-                self.drafts.send(draft_address, PrefillRequest(request_id=rid, prompt_token_ids=context, k=self.k))
+                proposal = self.proposal_params(request.sampling, list(self.settings.fanout) or None)
+                self.drafts.send(draft_address, PrefillRequest(request_id=rid, prompt_token_ids=context, k=self.k, proposal=proposal))
 
         state_key = keys.state(self.ns, rid)
         pipe = self.redis.pipeline(transaction=False)
@@ -326,11 +331,13 @@ class VerifyWorker:
         if len(active.drafts) >= remaining:
             # A step commits at most len(drafts) + 1 tokens; drafts past the limit would be cut anyway.
             active.drafts = active.drafts[: max(0, remaining - 1)]
+            active.proposals = active.proposals[: len(active.drafts)]
         drafts = active.drafts
         if self.settings.mode == "ssd" and active.draft_address is not None:
             self.request_cache(active)
         started = time.perf_counter()
-        result = self.engine.verify(active.seq, drafts, active.request.sampling)
+        proposals = active.proposals if self.settings.acceptance == "rejection" else None
+        result = self.engine.verify(active.seq, drafts, active.request.sampling, proposals)
         verify_s = time.perf_counter() - started
         self.record_step(active, len(drafts), result.accepted, verify_s)
         self.backups.observe_verify(verify_s)
@@ -407,6 +414,23 @@ class VerifyWorker:
             self._fanout_logged_at = time.monotonic()
         return lists
 
+    def proposal_params(self, sampling, top_f: list[int] | None) -> ProposalParams | None:
+        """Return how the draft samples for a request, or None when it drafts the argmax (coupled test or T = 0)."""
+        if self.settings.acceptance != "rejection" or sampling.temperature == 0.0:
+            return None
+        if top_f is None:
+            top_f = geometric_fanout(self.k, self.settings.fanout_budget, self.acceptance.rate, self.settings.fanout_miss_exponent)
+        return ProposalParams(
+            temperature=sampling.temperature,
+            top_k=sampling.top_k,
+            top_p=sampling.top_p,
+            seed=sampling.seed,
+            # C only pays where a cache holds the top tokens.
+            saguaro_c=self.settings.saguaro_c if self.settings.mode == "ssd" else 1.0,
+            top_f=top_f,
+            support=self.settings.proposal_support,
+        )
+
     def _tail(self, active: ActiveRequest) -> tuple[int, list[int]]:
         """Return (base_len, tokens): the committed tokens the draft may lack, ending with the root."""
         committed = active.committed()
@@ -416,15 +440,18 @@ class VerifyWorker:
     def request_cache(self, active: ActiveRequest) -> None:
         base, tail = self._tail(active)
         active.cache_source = "miss" if active.pending_backup is not None else "hit"
+        fanout = self.fanout(active, len(active.drafts))
         message = BuildCacheRequest(
             request_id=active.request_id,
             step=active.step,
             base_len=base,
             tokens=tail + active.drafts,
             root_offset=len(tail) - 1,
-            fanout=self.fanout(active, len(active.drafts)),
+            fanout=fanout,
             k=self.k,
             ttl_s=self.settings.cache_ttl_s,
+            # The branches' tokens are the next step's drafts: reshape q by the fan-out that caches their outcomes.
+            proposal=self.proposal_params(active.request.sampling, fanout if len(fanout) == self.k + 1 else None),
         )
         self.drafts.send(active.draft_address, message)
         active.draft_anchor = len(active.seq.ids)
@@ -463,6 +490,8 @@ class VerifyWorker:
             drafts = self.jit_draft(active)
             self.backups.observe_jit(time.perf_counter() - started)
             return drafts
+        # N-gram drafts are deterministic given the context: the rejection test treats their q as one-hot.
+        active.proposals = []
         return proposal if kind == "ngram" else []
 
     def lookup_cache(self, active: ActiveRequest, accepted: int) -> list[int] | None:
@@ -497,11 +526,14 @@ class VerifyWorker:
         active.stats = active.stats.model_copy(update={"cache_hits": active.stats.cache_hits + 1})
         entry = decode(value)
         assert isinstance(entry, CacheEntry)
+        active.proposals = list(entry.proposals)
         return list(entry.tokens)
 
     def jit_draft(self, active: ActiveRequest) -> list[int]:
         base, tail = self._tail(active)
-        self.drafts.send(active.draft_address, DraftRequest(request_id=active.request_id, step=active.step, base_len=base, tokens=tail, k=self.k))
+        proposal = self.proposal_params(active.request.sampling, self.fanout(active, self.k))
+        message = DraftRequest(request_id=active.request_id, step=active.step, base_len=base, tokens=tail, k=self.k, proposal=proposal)
+        self.drafts.send(active.draft_address, message)
         active.draft_anchor = len(active.seq.ids)
         return self.await_draft(active, active.step)
 
@@ -514,8 +546,10 @@ class VerifyWorker:
         )
         self.add_wait(active, time.perf_counter() - started)
         if isinstance(reply, DraftReply):
+            active.proposals = list(reply.proposals)
             return list(reply.tokens)
         self.draft_lost(active, reply)
+        active.proposals = []
         return []
 
     def draft_lost(self, active: ActiveRequest, reply: ErrorReply | None) -> None:
@@ -533,7 +567,8 @@ class VerifyWorker:
             return []
         active.draft_address = address
         committed = active.committed()
-        self.drafts.send(address, PrefillRequest(request_id=active.request_id, prompt_token_ids=committed, k=self.k, step=active.step))
+        proposal = self.proposal_params(active.request.sampling, self.fanout(active, self.k))
+        self.drafts.send(address, PrefillRequest(request_id=active.request_id, prompt_token_ids=committed, k=self.k, step=active.step, proposal=proposal))
         active.draft_anchor = len(committed) - 1
         return self.await_draft(active, active.step)
 
