@@ -1,10 +1,11 @@
 """Compare fan-out policies by speculation-cache hit rate at the same budget, in one run.
 
-Runs SSD deployments (K = 4, 8 branches) that differ only in the fan-out policy:
+Runs SSD deployments (K = 4) that differ only in the fan-out policy and budget:
 uniform (a fixed even list), geometric (the closed-form rule with a measured
 acceptance rate) and adaptive (measured acceptance lengths and candidate ranks).
 Sampling at the given temperature with fixed seeds, so every policy verifies the
-same committed tokens. Writes ``bench/results/fanout-<temperature>.md`` and ``.json``.
+same committed tokens. Writes ``bench/results/fanout-<temperature>.md`` and ``.json``,
+and with several budgets a chart of hit rate against budget.
 """
 
 from __future__ import annotations
@@ -18,49 +19,104 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def run_policy(name: str, extra: dict[str, str], budget: int, k: int, prompts: list[list[int]], args) -> tuple[dict, list[list[int]]]:
+    import redis
+
+    from bench.direct_client import generate
+    from services.launcher import Stack
+
+    namespace = f"fanout-{uuid.uuid4().hex[:8]}"
+    env = {
+        "SAGUARO_NAMESPACE": namespace,
+        "SAGUARO_MODE": "ssd",
+        "SAGUARO_NUM_SPECULATIVE_TOKENS": str(k),
+        "SAGUARO_FANOUT_BUDGET": str(budget),
+        "SAGUARO_BACKUP": "jit",
+        **extra,
+    }
+    log_dir = ROOT / "logs" / "bench" / f"fanout-{name}-{budget}"
+    hits = misses = steps = tokens = 0
+    outputs = []
+    with Stack(env=env, services=("draft", "verify"), log_dir=log_dir, start_timeout_s=600) as stack:
+        client = redis.Redis.from_url(stack.redis_url)
+        for seed, prompt in enumerate(prompts):
+            result = generate(client, namespace, prompt, temperature=args.temperature, seed=seed, max_tokens=args.max_tokens, ignore_eos=True, timeout_s=1800)
+            stats = result.finish.stats
+            hits += stats.cache_hits
+            misses += stats.cache_misses
+            steps += stats.steps
+            tokens += result.finish.usage.completion_tokens
+            outputs.append(result.token_ids)
+    # The verify service logs each fan-out list it switches to.
+    lists = []
+    for path in log_dir.glob("verify*.log"):
+        lists += [line.split("now ", 1)[1].split(" (")[0] for line in path.read_text().splitlines() if "fan-out per acceptance length now" in line]
+    row = {
+        "policy": name,
+        "budget": budget,
+        "hits": hits,
+        "misses": misses,
+        "hit_rate": hits / max(1, hits + misses),
+        "mean_acceptance_length": tokens / steps,
+        "fanout_lists": extra.get("SAGUARO_FANOUT") or "; ".join(lists[-3:]),
+    }
+    return row, outputs
+
+
+def plot(rows: list[dict], path: Path, temperature: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for policy in dict.fromkeys(row["policy"] for row in rows):
+        points = sorted((row["budget"], row["hit_rate"]) for row in rows if row["policy"] == policy)
+        axis.plot([b for b, _ in points], [100 * h for _, h in points], marker="o", label=policy)
+    axis.set_xscale("log", base=2)
+    axis.set_xlabel("fan-out budget (branches per step)")
+    axis.set_ylabel("cache hit rate (%)")
+    axis.set_title(f"SSD hit rate against fan-out budget, T = {temperature}")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench.fanout_bench", description=__doc__.splitlines()[0])
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--num-prompts", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--budgets", default="8", help="comma-separated fan-out budgets (branches per step)")
+    parser.add_argument("--policies", default="uniform,geometric,adaptive", help="comma-separated: uniform, geometric, adaptive")
+    parser.add_argument("--prompt-set", default="humaneval")
+    parser.add_argument("--name", default="", help="result file name (default: fanout-t<temperature>)")
     args = parser.parse_args(argv)
 
-    import redis
     from transformers import AutoTokenizer
 
-    from bench.direct_client import generate
     from bench.run_bench import load_prompts, machine_description
-    from services.launcher import Stack
     from shared.config import Settings
     from shared.fanout import uniform_fanout
 
     settings = Settings()
     tokenizer = AutoTokenizer.from_pretrained(settings.target_model)
-    prompts = [tokenizer(text)["input_ids"] for text in load_prompts("humaneval", args.num_prompts)]
-    k, budget = 4, 8
-    policies = {
-        "uniform": {"SAGUARO_FANOUT": ",".join(str(f) for f in uniform_fanout(k, budget))},
-        "geometric": {"SAGUARO_FANOUT_POLICY": "geometric"},
-        "adaptive": {"SAGUARO_FANOUT_POLICY": "adaptive"},
-    }
-    results = {}
-    outputs = {}
-    for name, extra in policies.items():
-        namespace = f"fanout-{uuid.uuid4().hex[:8]}"
-        env = {"SAGUARO_NAMESPACE": namespace, "SAGUARO_MODE": "ssd", "SAGUARO_NUM_SPECULATIVE_TOKENS": str(k), "SAGUARO_FANOUT_BUDGET": str(budget), "SAGUARO_BACKUP": "jit", **extra}
-        with Stack(env=env, services=("draft", "verify"), log_dir=ROOT / "logs" / "bench" / f"fanout-{name}", start_timeout_s=600) as stack:
-            client = redis.Redis.from_url(stack.redis_url)
-            hits = misses = steps = tokens = 0
-            outputs[name] = []
-            for seed, prompt in enumerate(prompts):
-                result = generate(client, namespace, prompt, temperature=args.temperature, seed=seed, max_tokens=args.max_tokens, ignore_eos=True, timeout_s=1800)
-                stats = result.finish.stats
-                hits += stats.cache_hits
-                misses += stats.cache_misses
-                steps += stats.steps
-                tokens += result.finish.usage.completion_tokens
-                outputs[name].append(result.token_ids)
-        results[name] = {"hits": hits, "misses": misses, "hit_rate": hits / max(1, hits + misses), "mean_acceptance_length": tokens / steps}
+    prompts = [tokenizer(text)["input_ids"] for text in load_prompts(args.prompt_set, args.num_prompts)]
+    k = 4
+    budgets = [int(b) for b in args.budgets.split(",")]
+    rows = []
+    outputs = []
+    for budget in budgets:
+        policies = {
+            "uniform": {"SAGUARO_FANOUT": ",".join(str(f) for f in uniform_fanout(k, budget))},
+            "geometric": {"SAGUARO_FANOUT_POLICY": "geometric"},
+            "adaptive": {"SAGUARO_FANOUT_POLICY": "adaptive"},
+        }
+        for name in args.policies.split(","):
+            row, output = run_policy(name, policies[name], budget, k, prompts, args)
+            rows.append(row)
+            outputs.append(output)
 
     command = "python -m bench.fanout_bench " + " ".join(argv if argv is not None else sys.argv[1:])
     lines = [
@@ -68,18 +124,22 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"- command: `{command.strip()}`",
         f"- machine: {machine_description()}; verify on core 0, draft on core 1",
-        f"- SSD, K = {k}, {budget} branches per step, JIT backup; {len(prompts)} HumanEval prompts x {args.max_tokens} tokens, seeds 0..{len(prompts) - 1}",
-        f"- outputs identical across policies (same seeds): {all(o == outputs['uniform'] for o in outputs.values())}",
+        f"- SSD, K = {k}, JIT backup, coupled acceptance; {len(prompts)} {args.prompt_set} prompts x {args.max_tokens} tokens, seeds 0..{len(prompts) - 1}",
+        f"- outputs identical across policies and budgets (same seeds): {all(o == outputs[0] for o in outputs)}",
         "",
-        "| policy | cache hits | misses | hit rate | mean acceptance length |",
-        "|---|---|---|---|---|",
+        "| budget | policy | cache hits | misses | hit rate | mean acceptance length | fan-out lists (last logged) |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for name, row in results.items():
-        lines.append(f"| {name} | {row['hits']} | {row['misses']} | {row['hit_rate']:.0%} | {row['mean_acceptance_length']:.2f} |")
+    for row in rows:
+        lines.append(
+            f"| {row['budget']} | {row['policy']} | {row['hits']} | {row['misses']} | {row['hit_rate']:.1%} | {row['mean_acceptance_length']:.2f} | {row['fanout_lists']} |"
+        )
     out = ROOT / "bench" / "results"
-    stem = f"fanout-t{args.temperature}"
-    (out / f"{stem}.json").write_text(json.dumps({"command": command, "results": results}, indent=1))
+    stem = args.name or f"fanout-t{args.temperature}"
+    (out / f"{stem}.json").write_text(json.dumps({"command": command, "rows": rows}, indent=1))
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    if len(budgets) > 1:
+        plot(rows, out / f"{stem}-hit-rate.png", args.temperature)
     print("\n".join(lines))
     return 0
 

@@ -93,12 +93,47 @@ def run_saguaro_mode(label: str, env: dict[str, str], prompts: list[list[int]], 
     return summarize(label, requests)
 
 
-def run_hf_assisted(target_dir: str, draft_dir: str, prompts: list[list[int]], max_tokens: int, cpus: str) -> dict:
+def mode_settings(mode: str, args) -> tuple[str, dict[str, str]]:
+    """Return the label and SAGUARO_* environment of a benchmark mode.
+
+    ar, sd and ssd are the decoding modes (ssd with the adaptive fan-out);
+    ssd-geometric and ssd-uniform fix the fan-out rule; ssd-c<C> runs the
+    rejection acceptance test with Saguaro sampling factor C (ssd-c1 is plain
+    rejection sampling); a -k<K> suffix sets K for that mode alone.
+    """
+    from shared.fanout import uniform_fanout
+
+    base, *variants = mode.split("-")
+    if base not in ("ar", "sd", "ssd"):
+        raise SystemExit(f"unknown mode {mode!r}: use ar, sd, ssd, ssd-geometric, ssd-uniform, ssd-c<C>, a -k<K> suffix, or hf")
+    k = args.sd_k if base == "sd" else args.ssd_k
+    for variant in variants:
+        if variant.startswith("k") and variant[1:].isdigit():
+            k = int(variant[1:])
+    env = {"SAGUARO_MODE": base, "SAGUARO_NUM_SPECULATIVE_TOKENS": str(k), "SAGUARO_FANOUT_BUDGET": str(args.fanout_budget)}
+    for variant in variants:
+        if variant == "geometric":
+            env["SAGUARO_FANOUT_POLICY"] = "geometric"
+        elif variant == "uniform":
+            env["SAGUARO_FANOUT"] = ",".join(str(f) for f in uniform_fanout(k, args.fanout_budget))
+        elif variant.startswith("c"):
+            env["SAGUARO_ACCEPTANCE"] = "rejection"
+            env["SAGUARO_SAGUARO_C"] = variant[1:]
+        elif not (variant.startswith("k") and variant[1:].isdigit()):
+            raise SystemExit(f"unknown variant {variant!r} of mode {base}")
+    if args.hardware == "same-total" and base in ("ar", "sd"):
+        # Target and draft never run at the same time in AR and SD, so each may use both cores.
+        env.update({"SAGUARO_VERIFY_CPUS": "0-1", "SAGUARO_DRAFT_CPUS": "0-1", "SAGUARO_VERIFY_THREADS": "2", "SAGUARO_DRAFT_THREADS": "2"})
+    label = mode if base == "ar" else f"{mode.split('-k')[0]} K={k}"
+    return label, env
+
+
+def run_hf_assisted(target_dir: str, draft_dir: str, prompts: list[list[int]], max_tokens: int, cpus: str, threads: int = 1) -> dict:
     import torch
 
     from shared.modeling import load_causal_lm, place_process
 
-    device = place_process("cpu", 1, cpus)
+    device = place_process("cpu", threads, cpus)
     target = load_causal_lm(target_dir, "bfloat16", device)
     draft = load_causal_lm(draft_dir, "bfloat16", device)
     requests = []
@@ -191,7 +226,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-set", choices=sorted(PROMPT_SETS), default="humaneval")
     parser.add_argument("--num-prompts", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--modes", default="ar,sd,ssd,hf", help="comma-separated: ar, sd, ssd, hf (Hugging Face assisted generation)")
+    parser.add_argument(
+        "--modes",
+        default="ar,sd,ssd,hf",
+        help="comma-separated: ar, sd, ssd (adaptive fan-out), ssd-geometric, ssd-uniform, ssd-c<C> (rejection test, Saguaro factor C), hf (Hugging Face assisted generation)",
+    )
+    parser.add_argument(
+        "--hardware",
+        choices=["same-target", "same-total"],
+        default="same-target",
+        help="same-target: the target gets one core in every mode and the SSD draft the other; same-total: AR, SD and HF may use both cores",
+    )
     parser.add_argument("--sd-k", type=int, default=4, help="K in SD mode")
     parser.add_argument("--ssd-k", type=int, default=4, help="K in SSD mode")
     parser.add_argument("--fanout-budget", type=int, default=8, help="MQ_LEN in SSD mode")
@@ -223,25 +268,40 @@ def main(argv: list[str] | None = None) -> int:
             if args.temperature != 0.0:
                 logger.warning("skipping Hugging Face assisted generation: it runs greedy only here")
                 continue
-            runs.append(run_hf_assisted(settings.target_model, settings.draft_model, prompts, args.max_tokens, verify_cpus))
+            if args.hardware == "same-total":
+                runs.append(run_hf_assisted(settings.target_model, settings.draft_model, prompts, args.max_tokens, "0-1", threads=2))
+            else:
+                runs.append(run_hf_assisted(settings.target_model, settings.draft_model, prompts, args.max_tokens, verify_cpus))
             continue
-        k = args.sd_k if mode == "sd" else args.ssd_k
-        env = {"SAGUARO_MODE": mode, "SAGUARO_NUM_SPECULATIVE_TOKENS": str(k), "SAGUARO_FANOUT_BUDGET": str(args.fanout_budget)}
-        label = mode if mode == "ar" else f"{mode} K={k}"
+        label, env = mode_settings(mode, args)
         runs.append(run_saguaro_mode(label, env, prompts, args.max_tokens, log_dir, args.temperature))
 
-    by_mode = {run["label"].split()[0]: run for run in runs}
+    first = {}
+    for run in runs:
+        first.setdefault(run["label"].split()[0].split("-")[0], run)
     ratios = {}
-    for numerator, denominator in (("ssd", "ar"), ("ssd", "sd"), ("sd", "ar"), ("ssd", "hf-assisted")):
-        if numerator in by_mode and denominator in by_mode:
-            key = "decode_tokens_per_s" if denominator != "hf-assisted" else "tokens_per_s"
-            ratios[f"{numerator}/{denominator}" + (" (end to end)" if denominator == "hf-assisted" else "")] = by_mode[numerator][key] / by_mode[denominator][key]
+    for run in runs:
+        label = run["label"]
+        if not label.startswith(("ssd", "sd")):
+            continue
+        for other in ("ar", "sd", "hf"):
+            base = first.get(other)
+            if base is None or base is run or (label.startswith("sd") and other != "ar"):
+                continue
+            if other == "hf":
+                ratios[f"{label} / {base['label']} (end to end)"] = run["tokens_per_s"] / base["tokens_per_s"]
+            else:
+                ratios[f"{label} / {base['label']}"] = run["decode_tokens_per_s"] / base["decode_tokens_per_s"]
     saguaro_outputs = [[r["tokens"] for r in run["requests"]] for run in runs if run["label"] != "hf-assisted"]
     result = {
         "name": name,
         "command": "python -m bench.run_bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
         "machine": machine_description(),
-        "placement": f"verify on CPU {verify_cpus or 'any'}, draft on CPU {draft_cpus or 'any'}, one torch thread each; HF assisted on CPU {verify_cpus or 'any'}",
+        "placement": (
+            f"verify on CPU {verify_cpus or 'any'}, draft on CPU {draft_cpus or 'any'}, one torch thread each; HF assisted on CPU {verify_cpus or 'any'}"
+            if args.hardware == "same-target"
+            else "same total hardware: AR, SD and HF assisted use both cores with two threads; SSD runs verify on one core and the draft on the other"
+        ),
         "prompt_set": args.prompt_set,
         "num_prompts": len(prompts),
         "max_tokens": args.max_tokens,
