@@ -11,7 +11,8 @@ Paths:
   request's Redis events stream.
 - verify <-> draft over ZeroMQ (verify DEALER, draft ROUTER):
   ``PrefillRequest``/``DraftRequest`` -> ``DraftReply``;
-  ``BuildCacheRequest`` -> ``CacheReady``; ``ReleaseRequest`` (no reply);
+  ``BuildCacheRequest`` -> ``CacheReady``; ``BuildCacheBatch`` -> one
+  ``CacheReady`` or ``ErrorReply`` per request; ``ReleaseRequest`` (no reply);
   any request -> ``ErrorReply`` when it cannot be served.
 - draft -> Redis -> verify: ``CacheEntry`` values of the speculation cache.
 - every replica -> Redis: ``ReplicaInfo`` heartbeats.
@@ -99,6 +100,8 @@ class DecodeStats(_Message):
     decode_s: float = 0.0
     verify_s: float = 0.0
     wait_draft_s: float = 0.0
+    # Part of wait_draft_s spent waiting for caches that then hit: a hit step's overhead over a pure verify.
+    hit_wait_s: float = 0.0
     # Draft time to build the speculation cache, summed over the steps whose cache was looked up.
     cache_build_s: float = 0.0
     # Backup speculations run after misses, by kind (jit, ngram, none).
@@ -204,11 +207,23 @@ class BuildCacheRequest(_Message):
     proposal: ProposalParams | None = None
 
 
+class BuildCacheBatch(_Message):
+    """Build the speculation caches of several requests together, sharing the draft's forwards.
+
+    The draft replies once per request, in the order of ``requests``, with
+    ``CacheReady`` or ``ErrorReply``. A request that fails does not fail the others.
+    """
+
+    type: Literal["build_cache_batch"] = "build_cache_batch"
+    requests: list[BuildCacheRequest] = Field(min_length=1)
+
+
 class CacheReady(_Message):
     type: Literal["cache_ready"] = "cache_ready"
     request_id: str
     step: int
     num_entries: int
+    batch_size: int = Field(1, ge=1, description="requests whose caches the draft built in the same forwards, this one included")
     glue_s: float
     fork_s: float
     tree_s: float
@@ -267,6 +282,7 @@ Message = Annotated[
         DraftRequest,
         DraftReply,
         BuildCacheRequest,
+        BuildCacheBatch,
         CacheReady,
         ReleaseRequest,
         ErrorReply,

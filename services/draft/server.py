@@ -9,9 +9,10 @@ import time
 import redis
 import zmq
 
-from services.draft.engine import DraftEngine
+from services.draft.engine import BuildJob, CacheBuild, DraftEngine, DraftSequence
 from shared import keys, metrics
 from shared.protocol import (
+    BuildCacheBatch,
     BuildCacheRequest,
     CacheEntry,
     CacheReady,
@@ -47,6 +48,8 @@ class DraftServer:
         self.socket.bind(bind)
         self.address = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self.stopped = threading.Event()
+        # Set once the first cache build shared by several requests is logged.
+        self.batching_logged = False
         logger.info("draft service listening on %s", self.address)
 
     def serve_forever(self) -> None:
@@ -57,30 +60,41 @@ class DraftServer:
                 self.evict_idle()
                 continue
             identity, frame = self.socket.recv_multipart()
-            reply = self.handle_frame(frame)
-            if reply is not None:
+            replies = self.handle_frame(frame)
+            if replies is None:
+                continue
+            if not isinstance(replies, list):
+                replies = [replies]
+            for reply in replies:
                 self.socket.send_multipart([identity, encode(reply)])
         self.socket.close()
 
     def handle_frame(self, frame: bytes):
+        """Decode and handle one frame; return its reply, a list of replies (``BuildCacheBatch``) or None."""
         try:
             message = decode(frame)
         except ProtocolError as exc:
             logger.error("dropping invalid frame: %s", exc)
             return None
-        request_id = getattr(message, "request_id", "")
+        if isinstance(message, BuildCacheBatch):
+            request_ids = [request.request_id for request in message.requests]
+        else:
+            request_ids = [getattr(message, "request_id", "")]
+        request_id = ",".join(request_ids)
         metrics.DRAFT_REQUESTS.labels(message.type).inc()
         try:
             return self.handle(message)
         except UnknownRequest as exc:
             logger.info("request %s: %s", request_id, exc, extra={"request_id": request_id})
-            return ErrorReply(request_id=request_id, code="unknown_request", message=str(exc))
+            errors = [ErrorReply(request_id=rid, code="unknown_request", message=str(exc)) for rid in request_ids]
         except Exception as exc:  # one bad request must not stop the service
             logger.exception("request %s: %s failed", request_id, message.type, extra={"request_id": request_id})
-            self.engine.release(request_id)
-            return ErrorReply(request_id=request_id, code="internal", message=f"{type(exc).__name__}: {exc}")
+            for rid in request_ids:
+                self.engine.release(rid)
+            errors = [ErrorReply(request_id=rid, code="internal", message=f"{type(exc).__name__}: {exc}") for rid in request_ids]
         finally:
             metrics.DRAFT_SEQUENCES.set(len(self.engine.sequences))
+        return errors if isinstance(message, BuildCacheBatch) else errors[0]
 
     def handle(self, message):
         if isinstance(message, PrefillRequest):
@@ -89,6 +103,8 @@ class DraftServer:
             return self.draft(message)
         if isinstance(message, BuildCacheRequest):
             return self.build_cache(message)
+        if isinstance(message, BuildCacheBatch):
+            return self.build_cache_batch(message)
         if isinstance(message, ReleaseRequest):
             seq = self.engine.sequences.get(message.request_id)
             if seq is not None and seq.published_keys:
@@ -130,25 +146,106 @@ class DraftServer:
         seq.proposal = message.proposal
         build = self.engine.build_cache(seq, message.base_len, message.tokens, message.fanout, message.k, message.root_offset)
         started = time.perf_counter()
-        ttl_ms = max(1, int(message.ttl_s * 1000))
         pipe = self.redis.pipeline(transaction=False)
+        self._queue_entries(pipe, seq, message, build)
+        pipe.execute()
+        publish_s = time.perf_counter() - started
+        self._observe_build(build, publish_s, len(build.branches))
+        return self._cache_ready(message, build, publish_s, batch_size=1)
+
+    def build_cache_batch(self, message: BuildCacheBatch) -> list[CacheReady | ErrorReply]:
+        """Build the caches of all requests in shared forwards; return one reply per request, in order.
+
+        A request that is unknown, has an invalid base_len or repeats an earlier
+        request id gets its own ``ErrorReply``. The others are built in one
+        ``build_cache_batch`` per distinct k, because the tree forwards need a common depth.
+        """
+        replies: dict[int, CacheReady | ErrorReply] = {}
+        groups: dict[int, list[int]] = {}  # k -> indices of the requests to build
+        seen: set[str] = set()
+        for index, request in enumerate(message.requests):
+            request_id = request.request_id
+            if request_id in seen:
+                logger.error("request %s: repeated in one build_cache_batch message, building only its first occurrence", request_id, extra={"request_id": request_id})
+                replies[index] = ErrorReply(
+                    request_id=request_id,
+                    code="invalid",
+                    message=f"request {request_id} appears more than once in one build_cache_batch message; send at most one build per request",
+                )
+                continue
+            seen.add(request_id)
+            try:
+                seq = self._sequence(request_id, request.base_len)
+            except UnknownRequest as exc:
+                logger.info("request %s: %s", request_id, exc, extra={"request_id": request_id})
+                replies[index] = ErrorReply(request_id=request_id, code="unknown_request", message=str(exc))
+                continue
+            seq.proposal = request.proposal
+            groups.setdefault(request.k, []).append(index)
+
+        for indices in groups.values():
+            replies.update(self._build_group([message.requests[i] for i in indices], indices))
+        return [replies[index] for index in range(len(message.requests))]
+
+    def _build_group(self, requests: list[BuildCacheRequest], indices: list[int]) -> dict[int, CacheReady | ErrorReply]:
+        """Build and publish the caches of ``requests``, which share k; return their replies keyed by ``indices``."""
+        request_ids = [request.request_id for request in requests]
+        sequences = [self.engine.sequences[request_id] for request_id in request_ids]
+        jobs = [
+            BuildJob(seq=seq, base_len=request.base_len, tokens=request.tokens, fanout=request.fanout, k=request.k, root_offset=request.root_offset)
+            for seq, request in zip(sequences, requests)
+        ]
+        try:
+            builds = self.engine.build_cache_batch(jobs)
+            started = time.perf_counter()
+            pipe = self.redis.pipeline(transaction=False)
+            for seq, request, build in zip(sequences, requests, builds):
+                self._queue_entries(pipe, seq, request, build)
+            pipe.execute()
+            publish_s = time.perf_counter() - started
+        except Exception as exc:  # the failure of one group must not fail the other groups
+            joined = ",".join(request_ids)
+            logger.exception("requests %s: batched cache build failed", joined, extra={"request_id": joined})
+            for request_id in request_ids:
+                self.engine.release(request_id)
+            error = f"{type(exc).__name__}: {exc}"
+            return {index: ErrorReply(request_id=request_id, code="internal", message=error) for index, request_id in zip(indices, request_ids)}
+
+        if len(jobs) > 1 and not self.batching_logged:
+            self.batching_logged = True
+            logger.info("built the speculation caches of %d requests in shared draft forwards (logged for the first batch only)", len(jobs))
+        # Every build of the batch carries the batch's phase times: observe them once.
+        self._observe_build(builds[0], publish_s, sum(len(build.branches) for build in builds))
+        return {
+            index: self._cache_ready(request, build, publish_s, batch_size=len(jobs))
+            for index, request, build in zip(indices, requests, builds)
+        }
+
+    def _queue_entries(self, pipe, seq: DraftSequence, request: BuildCacheRequest, build: CacheBuild) -> None:
+        """Queue on ``pipe`` the cache entries of ``build`` and the deletion of the previous step's entries."""
+        ttl_ms = max(1, int(request.ttl_s * 1000))
         # A new step makes the previous step's entries unreachable: replace them.
         if seq.published_keys:
             pipe.delete(*seq.published_keys)
         seq.published_keys = []
         for branch in build.branches:
-            key = keys.spec_entry(self.namespace, message.request_id, message.step, branch.accepted, branch.token)
+            key = keys.spec_entry(self.namespace, request.request_id, request.step, branch.accepted, branch.token)
             pipe.set(key, encode(CacheEntry(tokens=branch.tokens, proposals=branch.proposals)), px=ttl_ms)
             seq.published_keys.append(key)
-        pipe.execute()
-        publish_s = time.perf_counter() - started
-        metrics.CACHE_ENTRIES.inc(len(build.branches))
+
+    @staticmethod
+    def _observe_build(build: CacheBuild, publish_s: float, num_entries: int) -> None:
+        metrics.CACHE_ENTRIES.inc(num_entries)
         for phase, seconds in (("glue", build.glue_s), ("fork", build.fork_s), ("tree", build.tree_s), ("publish", publish_s)):
             metrics.CACHE_BUILD_TIME.labels(phase).observe(seconds)
+
+    @staticmethod
+    def _cache_ready(request: BuildCacheRequest, build: CacheBuild, publish_s: float, batch_size: int) -> CacheReady:
         return CacheReady(
-            request_id=message.request_id,
-            step=message.step,
+            request_id=request.request_id,
+            step=request.step,
             num_entries=len(build.branches),
+            batch_size=batch_size,
             glue_s=build.glue_s,
             fork_s=build.fork_s,
             tree_s=build.tree_s,

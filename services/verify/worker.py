@@ -12,9 +12,12 @@ One step of a request, in SSD mode:
 SD mode replaces steps 1 and 4 by a plain draft request after each step, and
 AR mode verifies no drafts at all.
 
-NOTE: up to ``max_num_seqs`` requests are interleaved, one target forward per
-request and step. There is no continuous batching of several requests into one
-forward yet, so concurrent requests share the target's time.
+Continuous batching: every step runs one target forward for all running
+requests (up to ``max_num_seqs``), each with its own KV cache, positions and
+sampling parameters (``shared.packing``). Requests join and leave between
+steps. The number of drafts each request verifies follows the batch size
+(``services.verify.scheduler``), and the draft builds the caches of all
+requests of a step in one batched request per draft replica.
 """
 
 from __future__ import annotations
@@ -31,11 +34,13 @@ from services.verify.backup import BackupChooser, ngram_propose
 from services.verify.draft_client import DraftClient
 from services.verify.engine import TargetEngine, TargetSequence
 from services.verify.output import OutputState
+from services.verify.scheduler import ForwardCost, best_num_drafts
 from shared import keys, metrics
 from shared.config import Settings
 from shared.service import live_replicas
 from shared.fanout import AdaptiveFanout, geometric_fanout
 from shared.protocol import (
+    BuildCacheBatch,
     BuildCacheRequest,
     CacheEntry,
     CacheReady,
@@ -89,6 +94,12 @@ class ActiveRequest:
     fanout: AdaptiveFanout | None = None
     # Where the speculation behind the pending cache build came from: "hit" (the cache) or "miss" (a backup).
     cache_source: str = "hit"
+    # Drafts accepted in the latest step.
+    accepted: int = 0
+    # Step number of a draft reply sent for but not yet received.
+    awaiting_draft: int | None = None
+    # Whether the awaited draft reply is a JIT backup, whose time the backup chooser measures.
+    awaiting_jit_since: float | None = None
 
     @property
     def request_id(self) -> str:
@@ -133,6 +144,8 @@ class VerifyWorker:
         # weaker, so the next step's acceptance lengths are shorter.
         self.adaptive = {source: self.new_fanout_policy() for source in ("hit", "miss")}
         self.backups = BackupChooser()
+        self.forward_cost = ForwardCost()
+        self.draft_limit = self.k
         self._logged_fanout: list[int] = []
         self._fanout_logged_at = 0.0
         self.stream = keys.request_stream(self.ns)
@@ -304,41 +317,89 @@ class VerifyWorker:
             try:
                 self.reclaim_orphans()
                 self.admit()
-                for active in list(self.active):
-                    self.advance(active)
+                self.step_batch()
             except redis.ConnectionError as exc:
                 logger.error("lost Redis: %s; retrying in 1 s", exc)
                 time.sleep(1.0)
         for active in list(self.active):
             self.hand_off(active)
 
-    def advance(self, active: ActiveRequest) -> None:
+    def fail_active(self, active: ActiveRequest, exc: Exception) -> None:
+        """Fail one request after an error in its step; the others keep running."""
         rid = active.request_id
-        try:
+        logger.error("request %s failed at step %d: %s: %s", rid, active.step, type(exc).__name__, exc, exc_info=exc, extra={"request_id": rid})
+        self.remove(active)
+        self.fail(rid, active.message_id, f"decoding failed: {type(exc).__name__}: {exc}", "internal_error")
+        self.release_draft(rid, active.draft_address)
+
+    def step_batch(self) -> None:
+        """Run one verification step for every running request: one target forward, then commit and speculate per request."""
+        batch: list[ActiveRequest] = []
+        for active in list(self.active):
+            rid = active.request_id
             if self.redis.exists(keys.cancel(self.ns, rid)):
                 logger.info("request %s cancelled by the client", rid, extra={"request_id": rid})
                 self.finish(active, "abort", None)
-                return
-            self.step(active)
-        except Exception as exc:  # one failing request must not stop the others
-            logger.exception("request %s failed at step %d", rid, active.step, extra={"request_id": rid})
-            self.remove(active)
-            self.fail(rid, active.message_id, f"decoding failed: {type(exc).__name__}: {exc}", "internal_error")
+                continue
+            batch.append(active)
+        if not batch:
+            return
 
-    def step(self, active: ActiveRequest) -> None:
+        metrics.BATCH_SIZE.observe(len(batch))
+        self.update_draft_limit(len(batch))
+        for active in batch:
+            self.trim_drafts(active)
+        if self.settings.mode == "ssd":
+            self.request_caches([active for active in batch if active.draft_address is not None])
+
+        started = time.perf_counter()
+        try:
+            logits = self.engine.forward_batch([active.seq for active in batch], [[active.seq.root] + active.drafts for active in batch])
+        except Exception as exc:  # a failed forward fails its requests, not the replica
+            for active in batch:
+                self.fail_active(active, exc)
+            return
+        verify_s = time.perf_counter() - started
+        self.forward_cost.observe(sum(len(active.drafts) + 1 for active in batch), verify_s)
+
+        running = []
+        for active, rows in zip(batch, logits):
+            try:
+                if self.commit_step(active, rows, verify_s):
+                    running.append(active)
+            except Exception as exc:  # one failing request must not stop the others
+                self.fail_active(active, exc)
+        self.speculate(running)
+
+    def update_draft_limit(self, batch_size: int) -> None:
+        """Set how many drafts each request verifies this step, from the batch size and measured costs."""
+        if self.settings.mode == "ar":
+            return
+        limit = best_num_drafts(batch_size, self.k, self.acceptance.rate, self.forward_cost, current=self.draft_limit)
+        if limit != self.draft_limit:
+            base, per_token = self.forward_cost.coefficients()
+            logger.info(
+                "drafts per request now %d at batch size %d (acceptance rate %.2f, forward %.0f ms + %.1f ms per token)",
+                limit, batch_size, self.acceptance.rate, base * 1000, per_token * 1000,
+            )
+            self.draft_limit = limit
+        metrics.DRAFT_LIMIT.set(limit)
+
+    def trim_drafts(self, active: ActiveRequest) -> None:
         output = active.output
         remaining = min(active.request.sampling.max_tokens - len(output.token_ids), self.settings.max_model_len - output.prompt_len - len(output.token_ids))
-        if len(active.drafts) >= remaining:
-            # A step commits at most len(drafts) + 1 tokens; drafts past the limit would be cut anyway.
-            active.drafts = active.drafts[: max(0, remaining - 1)]
-            active.proposals = active.proposals[: len(active.drafts)]
+        # A step commits at most len(drafts) + 1 tokens; drafts past the limit would be cut anyway.
+        keep = min(self.draft_limit, max(0, remaining - 1))
+        if len(active.drafts) > keep:
+            active.drafts = active.drafts[:keep]
+            active.proposals = active.proposals[:keep]
+
+    def commit_step(self, active: ActiveRequest, logits, verify_s: float) -> bool:
+        """Accept and commit one request's tokens from its rows of the batch forward; return whether it keeps running."""
         drafts = active.drafts
-        if self.settings.mode == "ssd" and active.draft_address is not None:
-            self.request_cache(active)
-        started = time.perf_counter()
         proposals = active.proposals if self.settings.acceptance == "rejection" else None
-        result = self.engine.verify(active.seq, drafts, active.request.sampling, proposals)
-        verify_s = time.perf_counter() - started
+        result = self.engine.accept(active.seq, drafts, logits, active.request.sampling, proposals)
+        active.accepted = result.accepted
         self.record_step(active, len(drafts), result.accepted, verify_s)
         self.backups.observe_verify(verify_s)
         if active.pending_backup is not None:
@@ -363,8 +424,28 @@ class VerifyWorker:
         if finished:
             finish = active.output.finish
             self.finish(active, finish.reason, finish.stop_reason)
-            return
-        active.drafts = self.next_speculation(active, result.accepted)
+            return False
+        return True
+
+    def speculate(self, batch: list[ActiveRequest]) -> None:
+        """Get every request's speculation for the next step; draft requests go out first and are awaited together."""
+        for active in batch:
+            try:
+                active.drafts = self.next_speculation(active, active.accepted)
+            except Exception as exc:
+                self.fail_active(active, exc)
+        for active in batch:
+            if active.awaiting_draft is None or active not in self.active:
+                continue
+            try:
+                step = active.awaiting_draft
+                active.awaiting_draft = None
+                active.drafts = self.await_draft(active, step)
+                if active.awaiting_jit_since is not None:
+                    self.backups.observe_jit(time.perf_counter() - active.awaiting_jit_since)
+                    active.awaiting_jit_since = None
+            except Exception as exc:
+                self.fail_active(active, exc)
 
     def record_step(self, active: ActiveRequest, drafted: int, accepted: int, verify_s: float) -> None:
         stats = active.stats
@@ -425,7 +506,7 @@ class VerifyWorker:
             top_k=sampling.top_k,
             top_p=sampling.top_p,
             seed=sampling.seed,
-            # C only pays where a cache holds the top tokens.
+            # C only pays where a cache contains the top tokens.
             saguaro_c=self.settings.saguaro_c if self.settings.mode == "ssd" else 1.0,
             top_f=top_f,
             support=self.settings.proposal_support,
@@ -437,7 +518,16 @@ class VerifyWorker:
         base = min(active.draft_anchor, len(committed) - 1)
         return base, committed[base:]
 
-    def request_cache(self, active: ActiveRequest) -> None:
+    def request_caches(self, batch: list[ActiveRequest]) -> None:
+        """Send the cache builds of a step, one message per draft replica."""
+        by_address: dict[str, list[BuildCacheRequest]] = {}
+        for active in batch:
+            by_address.setdefault(active.draft_address, []).append(self.cache_request(active))
+        for address, requests in by_address.items():
+            message = requests[0] if len(requests) == 1 else BuildCacheBatch(requests=requests)
+            self.drafts.send(address, message)
+
+    def cache_request(self, active: ActiveRequest) -> BuildCacheRequest:
         base, tail = self._tail(active)
         active.cache_source = "miss" if active.pending_backup is not None else "hit"
         fanout = self.fanout(active, len(active.drafts))
@@ -453,9 +543,9 @@ class VerifyWorker:
             # The branches' tokens are the next step's drafts: reshape q by the fan-out that caches their outcomes.
             proposal=self.proposal_params(active.request.sampling, fanout if len(fanout) == self.k + 1 else None),
         )
-        self.drafts.send(active.draft_address, message)
         active.draft_anchor = len(active.seq.ids)
         active.cache_pending = True
+        return message
 
     def next_speculation(self, active: ActiveRequest, accepted: int) -> list[int]:
         mode = self.settings.mode
@@ -486,10 +576,8 @@ class VerifyWorker:
         active.stats = active.stats.model_copy(update={"backup_runs": runs})
         metrics.BACKUPS.labels(kind).inc()
         if kind == "jit":
-            started = time.perf_counter()
-            drafts = self.jit_draft(active)
-            self.backups.observe_jit(time.perf_counter() - started)
-            return drafts
+            active.awaiting_jit_since = time.perf_counter()
+            return self.jit_draft(active)
         # N-gram drafts are deterministic given the context: the rejection test treats their q as one-hot.
         active.proposals = []
         return proposal if kind == "ngram" else []
@@ -504,7 +592,8 @@ class VerifyWorker:
             lambda m: (isinstance(m, CacheReady) and m.step == step) or isinstance(m, ErrorReply),
             self.settings.cache_wait_s,
         )
-        self.add_wait(active, time.perf_counter() - started)
+        waited = time.perf_counter() - started
+        self.add_wait(active, waited)
         if isinstance(ready, ErrorReply) or ready is None:
             self.draft_lost(active, ready)
             return None
@@ -523,19 +612,21 @@ class VerifyWorker:
             active.stats = active.stats.model_copy(update={"cache_misses": active.stats.cache_misses + 1})
             return None
         metrics.CACHE_LOOKUPS.labels("hit").inc()
-        active.stats = active.stats.model_copy(update={"cache_hits": active.stats.cache_hits + 1})
+        active.stats = active.stats.model_copy(update={"cache_hits": active.stats.cache_hits + 1, "hit_wait_s": active.stats.hit_wait_s + waited})
         entry = decode(value)
         assert isinstance(entry, CacheEntry)
         active.proposals = list(entry.proposals)
         return list(entry.tokens)
 
     def jit_draft(self, active: ActiveRequest) -> list[int]:
+        """Send a draft request for the next step; ``speculate`` awaits the reply once every request's is sent."""
         base, tail = self._tail(active)
         proposal = self.proposal_params(active.request.sampling, self.fanout(active, self.k))
         message = DraftRequest(request_id=active.request_id, step=active.step, base_len=base, tokens=tail, k=self.k, proposal=proposal)
         self.drafts.send(active.draft_address, message)
         active.draft_anchor = len(active.seq.ids)
-        return self.await_draft(active, active.step)
+        active.awaiting_draft = active.step
+        return []
 
     def await_draft(self, active: ActiveRequest, step: int) -> list[int]:
         started = time.perf_counter()

@@ -1,0 +1,58 @@
+"""Continuous batching through the real services: concurrent greedy requests equal their solo outputs.
+
+Requests with different prompts and max_tokens run together, so the batch
+changes size as they join and leave. The verify service's batch-size
+histogram shows that steps really carried several requests.
+"""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from bench.direct_client import collect, generate, submit
+from tests.test_integration import PROMPTS, redis_of, start_stack, tiny_pair  # noqa: F401 (fixture)
+from tests.test_metrics import Scrape
+from tests.tiny_models import target_greedy
+
+pytestmark = pytest.mark.integration
+
+JOBS = [(PROMPTS[0], 40), (PROMPTS[1], 25), (PROMPTS[2], 33), (PROMPTS[0][:3], 12), (PROMPTS[2][5:], 30), (PROMPTS[1] + [7], 18)]
+
+
+@pytest.fixture(scope="module")
+def solo(tiny_pair):  # noqa: F811
+    return [target_greedy(tiny_pair[0], [prompt], max_tokens)[0] for prompt, max_tokens in JOBS]
+
+
+@pytest.mark.parametrize("mode", ["ar", "ssd"])
+def test_concurrent_requests_equal_solo(mode, tiny_pair, tmp_path_factory, solo):  # noqa: F811
+    deployment = start_stack(tiny_pair, tmp_path_factory, mode, max_num_seqs=4)
+    try:
+        client, ns = redis_of(deployment)
+        ids = [submit(client, ns, prompt, temperature=0.0, max_tokens=max_tokens, ignore_eos=True) for prompt, max_tokens in JOBS]
+        results = [collect(client, ns, request_id, timeout_s=120) for request_id in ids]
+        metrics = Scrape(httpx.get(deployment.metrics_url("verify"), timeout=10).text)
+    finally:
+        deployment.stop()
+    for index, (result, expected) in enumerate(zip(results, solo)):
+        assert result.finish is not None, result.error
+        assert result.token_ids == expected, f"request {index}"
+    steps = metrics.value("saguaro:verify_batch_size_count")
+    requests_in_steps = metrics.value("saguaro:verify_batch_size_sum")
+    assert requests_in_steps / steps > 1.5, "steps did not batch several requests"
+
+
+def test_sampled_request_is_unchanged_by_batch_company(tiny_pair, tmp_path_factory):  # noqa: F811
+    """A seeded T > 0 request gives the same tokens alone and next to other requests (coupled test)."""
+    deployment = start_stack(tiny_pair, tmp_path_factory, "ssd", max_num_seqs=4)
+    try:
+        client, ns = redis_of(deployment)
+        alone = generate(client, ns, PROMPTS[2], temperature=0.8, seed=11, max_tokens=30, ignore_eos=True).token_ids
+        others = [submit(client, ns, prompt, temperature=0.0, max_tokens=max_tokens, ignore_eos=True) for prompt, max_tokens in JOBS[:3]]
+        together = generate(client, ns, PROMPTS[2], temperature=0.8, seed=11, max_tokens=30, ignore_eos=True).token_ids
+        for request_id in others:
+            collect(client, ns, request_id, timeout_s=120)
+    finally:
+        deployment.stop()
+    assert together == alone
