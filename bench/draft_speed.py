@@ -49,6 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench.draft_speed", description=__doc__.splitlines()[0])
     parser.add_argument("--num-prompts", type=int, default=3)
     parser.add_argument("--steps", type=int, default=8, help="cache builds per prompt")
+    parser.add_argument(
+        "--variants",
+        default="bf16,int8,int8-v65536,int8-v32768",
+        help="comma-separated draft variants: bf16 or int8 weights, with -v<N> for an output layer over the first N token ids plus those in use",
+    )
+    parser.add_argument("--name", default="draft-speed", help="result file name")
     args = parser.parse_args(argv)
 
     import redis
@@ -57,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from bench.run_bench import machine_description
     from services.draft.engine import DraftEngine
+    from services.draft.vocab import VocabSubset, special_token_ids
     from services.launcher import default_cpu_split
     from shared.config import Settings
     from shared.modeling import load_causal_lm, place_process, quantize_int8
@@ -71,13 +78,15 @@ def main(argv: list[str] | None = None) -> int:
     k, fanout = 4, [2, 1, 1, 1, 3]
 
     results = {}
-    for label in ("bf16", "int8"):
-        if label == "bf16":
-            model = load_causal_lm(settings.draft_model, "bfloat16", device)
-        else:
-            model = quantize_int8(load_causal_lm(settings.draft_model, "float32", device))
+    for label in args.variants.split(","):
+        weights, _, size = label.partition("-v")
+        int8 = weights == "int8"
+        model = load_causal_lm(settings.draft_model, "float32" if int8 else "bfloat16", device)
+        vocab = VocabSubset(model, int(size), special_token_ids(tokenizer, model), quantize=int8) if size else None
+        if int8:
+            model = quantize_int8(model)
         with torch.inference_mode():
-            results[label] = time_builds(DraftEngine(model, device), prompts, k, fanout, args.steps, client, "draft-speed")
+            results[label] = time_builds(DraftEngine(model, device, vocab), prompts, k, fanout, args.steps, client, "draft-speed")
         del model
 
     command = "python -m bench.draft_speed " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -88,14 +97,14 @@ def main(argv: list[str] | None = None) -> int:
         f"- machine: {machine_description()}; draft on CPU {draft_cpus or 'any'}, one torch thread",
         f"- draft: `{settings.draft_model}`; K = {k}, fan-out {fanout} ({sum(fanout)} branches); {len(prompts)} HumanEval prompts x {args.steps} builds; medians in ms",
         "",
-        "| draft weights | glue | fork | tree (K forwards) | publish | total |",
+        "| draft (weights, -v<N>: output layer over the first N ids plus those in use) | glue | fork | tree (K forwards) | publish | total |",
         "|---|---|---|---|---|---|",
     ]
     for label, phases in results.items():
         lines.append(f"| {label} | {phases['glue']:.1f} | {phases['fork']:.2f} | {phases['tree']:.1f} | {phases['publish']:.2f} | {sum(phases.values()):.1f} |")
     out = ROOT / "bench" / "results"
-    (out / "draft-speed.json").write_text(json.dumps({"command": command, "results": results}, indent=1))
-    (out / "draft-speed.md").write_text("\n".join(lines) + "\n")
+    (out / f"{args.name}.json").write_text(json.dumps({"command": command, "results": results}, indent=1))
+    (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from services.draft.vocab import VocabSubset
 from shared.modeling import crop_cache
 from shared.packing import PackedBatch
 from shared.protocol import Proposal, ProposalParams
@@ -92,9 +93,11 @@ class BuildJob:
 
 
 class DraftEngine:
-    def __init__(self, model, device: torch.device):
+    def __init__(self, model, device: torch.device, vocab: VocabSubset | None = None):
         self.model = model
         self.device = device
+        # The token ids the output layer scores; None means the whole vocabulary.
+        self.vocab = vocab
         self.dtype = next(model.parameters()).dtype
         self.sequences: dict[str, DraftSequence] = {}
 
@@ -126,7 +129,7 @@ class DraftEngine:
 
     def _record(self, seq: DraftSequence, tokens: list[int], logits: torch.Tensor) -> None:
         """Append ``tokens``, whose KV is already in ``seq.cache``, with the candidates from their ``logits``."""
-        top = torch.topk(logits.float(), MAX_CANDIDATES, dim=-1).indices.tolist()
+        top = self.token_ids(torch.topk(logits.float(), MAX_CANDIDATES, dim=-1).indices).tolist()
         seq.ids.extend(tokens)
         seq.candidates.extend(top)
         seq.last_logits = logits[-1]
@@ -138,13 +141,24 @@ class DraftEngine:
         ``draft_indices`` their index within a speculation (0 for s1).
         """
         if seq.proposal is None:
-            return torch.argmax(logits, dim=-1).tolist(), []
-        ids, probs = proposal_distributions(logits, seq.proposal, draft_indices)
-        return sample_proposals(ids, probs, seq.proposal.seed, positions)
+            return self.token_ids(torch.argmax(logits, dim=-1)).tolist(), []
+        columns, probs = proposal_distributions(logits, seq.proposal, draft_indices)
+        return sample_proposals(self.token_ids(columns), probs, seq.proposal.seed, positions)
+
+    def token_ids(self, columns: torch.Tensor) -> torch.Tensor:
+        """Map logit columns to token ids (the identity without a sub-vocabulary)."""
+        return columns if self.vocab is None else self.vocab.to_token_ids(columns)
+
+    def observe_tokens(self, tokens: list[int]) -> None:
+        """Let the output layer score every token a request uses; logits kept from before a change are dropped."""
+        if self.vocab is not None and self.vocab.add(self.model, tokens):
+            for seq in self.sequences.values():
+                seq.last_logits = None
 
     def prefill(self, request_id: str, prompt_ids: list[int]) -> DraftSequence:
         """Start a sequence with the KV of ``prompt_ids``."""
         seq = self.new_sequence(request_id)
+        self.observe_tokens(prompt_ids)
         self._extend(seq, prompt_ids)
         return seq
 
@@ -156,6 +170,7 @@ class DraftEngine:
         """
         keep = self._reusable_length(seq, base_len, tokens)
         seq.crop(keep)
+        self.observe_tokens(tokens)
         self._extend(seq, tokens[keep - base_len :])
         seq.last_used = time.monotonic()
 
@@ -339,6 +354,7 @@ class DraftEngine:
         """
         missing = []
         for job in jobs:
+            self.observe_tokens(job.tokens)
             keep = self._reusable_length(job.seq, job.base_len, job.tokens)
             job.seq.crop(keep)
             missing.append(job.tokens[keep - job.base_len :])

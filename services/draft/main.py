@@ -34,21 +34,26 @@ def main(argv: list[str] | None = None) -> int:
 
     from services.draft.engine import DraftEngine
     from services.draft.server import DraftServer
+    from services.draft.vocab import VocabSubset, special_token_ids
 
     try:
         device = place_process(settings.draft_device, settings.draft_threads, settings.draft_cpus)
         tokenizer = load_tokenizer(settings.draft_model)
         check_tokenizer_against_target(settings, tokenizer)
-        if settings.draft_quantization == "int8" and device.type == "cpu":
-            model = quantize_int8(load_causal_lm(settings.draft_model, "float32", device))
-        else:
-            model = load_causal_lm(settings.draft_model, settings.dtype, device)
+        int8 = settings.draft_quantization == "int8" and device.type == "cpu"
+        model = load_causal_lm(settings.draft_model, "float32" if int8 else settings.dtype, device)
+        vocab = None
+        if 0 < settings.draft_vocab_size < model.config.vocab_size:
+            vocab = VocabSubset(model, settings.draft_vocab_size, special_token_ids(tokenizer, model), quantize=int8)
+            logger.info("draft output layer scores %d of %d tokens; it grows with the tokens requests use", len(vocab.known), vocab.vocab_size)
+        if int8:
+            model = quantize_int8(model)
         client = connect_redis(settings.redis_url)
     except (FileNotFoundError, ValueError, ConnectionError) as exc:
         logger.error("draft service cannot start: %s", exc)
         return 1
 
-    engine = DraftEngine(model, device)
+    engine = DraftEngine(model, device, vocab)
     server = DraftServer(engine, client, settings.namespace, settings.draft_bind)
     replica_id = settings.replica_id or default_replica_id("draft")
     address = settings.draft_advertise or server.address
