@@ -2,7 +2,7 @@
 
 import pytest
 
-from services.verify.scheduler import ForwardCost, best_num_drafts, expected_committed
+from services.verify.scheduler import ForwardCost, best_num_drafts, expected_committed, speculation_pays
 
 
 def test_expected_committed_by_hand():
@@ -76,3 +76,18 @@ def test_current_count_survives_near_ties():
         kept = best_num_drafts(1, 4, 0.2, cost, current=current, margin=0.5)
         assert kept == current
     assert best_num_drafts(1, 4, 0.2, cost, current=0, margin=0.0) == best
+
+
+def test_speculation_pauses_when_builds_dominate():
+    verify = cost_of(0.375, 0.01)
+    builds = ForwardCost(per_token_ratio=0.5, prior_weight=0.01)
+    for batch in (1, 4, 8) * 20:
+        builds.observe(batch, 0.5 * (1 + 0.5 * (batch - 1)))
+    # Batch 8: builds take 2.25 s, so 8 x 3.36 tokens per 2.25 s lose to 8 one-token forwards in 0.455 s.
+    assert not speculation_pays(8, 4, 0.8, verify, builds, speculating=True)
+    assert speculation_pays(1, 4, 0.8, verify, builds, speculating=False)
+
+
+def test_speculation_before_any_build_measurement():
+    assert speculation_pays(8, 4, 0.8, cost_of(0.375, 0.01), ForwardCost(per_token_ratio=0.5, default_s=0.0), speculating=True)
+    assert not speculation_pays(8, 0, 0.8, cost_of(0.375, 0.01), ForwardCost(), speculating=True)

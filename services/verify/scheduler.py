@@ -12,6 +12,11 @@ to plain one-token steps, and it rises again as soon as the fit predicts a gain.
 The limit is recomputed every step from smoothed measurements and changes only
 when another count is predicted faster by more than 2%, so it neither waits
 for a timer nor flips back and forth on near-ties.
+
+In SSD mode the draft's cache build for the batch also bounds the step. Its
+time is fitted against the batch size the same way, and when plain one-token
+steps are predicted faster than waiting for the builds, the verifier stops
+asking for caches until the prediction turns (``speculation_pays``).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ class ForwardCost:
     forward. The default 0.025 matches a 1.5B bf16 model on one CPU core (375 ms
     plus about 10 ms per token) and is only an estimate for other hardware. The prior weighs as much
     as ``prior_weight`` measurements spread over +-10 tokens, so forwards of
-    varied sizes soon override it. ``decay`` forgets old measurements.
+    varied sizes soon override it. ``decay`` down-weights old measurements.
     """
 
     per_token_ratio: float = 0.025
@@ -88,3 +93,23 @@ def best_num_drafts(batch_size: int, max_drafts: int, acceptance_rate: float, co
     if current is not None and 0 <= current <= max_drafts and rates[current] >= (1.0 - margin) * rates[best]:
         return current
     return best
+
+
+def speculation_pays(
+    batch_size: int, drafts: int, acceptance_rate: float, verify_cost: ForwardCost, draft_cost: ForwardCost, speculating: bool, margin: float = 0.05
+) -> bool:
+    """Return whether SSD steps beat plain one-token steps at this batch size.
+
+    An SSD step lasts as long as the slower of the target forward and the
+    draft's cache build for the whole batch, which ``draft_cost`` predicts from
+    the batch size. A plain step is a one-token forward per request and needs no draft.
+    The current choice stays unless the other is predicted faster by ``margin``.
+    """
+    if drafts == 0:
+        return False
+    step = max(verify_cost.predict(batch_size * (drafts + 1)), draft_cost.predict(batch_size))
+    speculative = batch_size * expected_committed(acceptance_rate, drafts) / step
+    plain = batch_size / verify_cost.predict(batch_size)
+    if speculating:
+        return plain <= speculative * (1.0 + margin)
+    return speculative > plain * (1.0 + margin)

@@ -34,7 +34,7 @@ from services.verify.backup import BackupChooser, ngram_propose
 from services.verify.draft_client import DraftClient
 from services.verify.engine import TargetEngine, TargetSequence
 from services.verify.output import OutputState
-from services.verify.scheduler import ForwardCost, best_num_drafts
+from services.verify.scheduler import ForwardCost, best_num_drafts, speculation_pays
 from shared import keys, metrics
 from shared.config import Settings
 from shared.service import live_replicas
@@ -145,7 +145,12 @@ class VerifyWorker:
         self.adaptive = {source: self.new_fanout_policy() for source in ("hit", "miss")}
         self.backups = BackupChooser()
         self.forward_cost = ForwardCost()
+        # Draft cache-build time of one step against the batch size; a build for b requests costs
+        # about 1 + (b - 1) / 2 times one request's (int8 Qwen2.5-Coder-0.5B on one core, an estimate elsewhere).
+        self.build_cost = ForwardCost(per_token_ratio=0.5, default_s=0.0)
         self.draft_limit = self.k
+        # Whether SSD steps currently beat plain steps; off, no caches are built.
+        self.speculating = True
         self._logged_fanout: list[int] = []
         self._fanout_logged_at = 0.0
         self.stream = keys.request_stream(self.ns)
@@ -349,7 +354,7 @@ class VerifyWorker:
         self.update_draft_limit(len(batch))
         for active in batch:
             self.trim_drafts(active)
-        if self.settings.mode == "ssd":
+        if self.settings.mode == "ssd" and self.speculating:
             self.request_caches([active for active in batch if active.draft_address is not None])
 
         started = time.perf_counter()
@@ -376,6 +381,17 @@ class VerifyWorker:
         if self.settings.mode == "ar":
             return
         limit = best_num_drafts(batch_size, self.k, self.acceptance.rate, self.forward_cost, current=self.draft_limit)
+        if self.settings.mode == "ssd":
+            pays = speculation_pays(batch_size, limit, self.acceptance.rate, self.forward_cost, self.build_cost, self.speculating)
+            if pays != self.speculating:
+                logger.info(
+                    "%s speculation at batch size %d: predicted cache build %.0f ms against a %d-token forward of %.0f ms",
+                    "resuming" if pays else "pausing", batch_size, 1000 * self.build_cost.predict(batch_size),
+                    batch_size * (limit + 1), 1000 * self.forward_cost.predict(batch_size * (limit + 1)),
+                )
+                self.speculating = pays
+            if not self.speculating:
+                limit = 0
         if limit != self.draft_limit:
             base, per_token = self.forward_cost.coefficients()
             logger.info(
@@ -549,7 +565,7 @@ class VerifyWorker:
 
     def next_speculation(self, active: ActiveRequest, accepted: int) -> list[int]:
         mode = self.settings.mode
-        if mode == "ar":
+        if mode == "ar" or not self.speculating:
             return []
         if active.draft_address is None:
             return self.reattach_draft(active)
@@ -599,6 +615,7 @@ class VerifyWorker:
             return None
 
         active.stats = active.stats.model_copy(update={"cache_build_s": active.stats.cache_build_s + ready.build_s})
+        self.build_cost.observe(ready.batch_size, ready.build_s)
         if accepted < len(ready.candidates) and len(ready.candidates) == self.k + 1:
             ranked = ready.candidates[accepted]
             rank = ranked.index(active.seq.root) if active.seq.root in ranked else None
@@ -619,7 +636,12 @@ class VerifyWorker:
         return list(entry.tokens)
 
     def jit_draft(self, active: ActiveRequest) -> list[int]:
-        """Send a draft request for the next step; ``speculate`` awaits the reply once every request's is sent."""
+        """Send a draft request for the next step; ``speculate`` awaits the reply once every request's is sent.
+
+        NOTE: the draft serves these one request at a time, so in SD mode and for
+        JIT backups a batch waits for the sum of its requests' drafting times;
+        only SSD cache builds share draft forwards.
+        """
         base, tail = self._tail(active)
         proposal = self.proposal_params(active.request.sampling, self.fanout(active, self.k))
         message = DraftRequest(request_id=active.request_id, step=active.step, base_len=base, tokens=tail, k=self.k, proposal=proposal)
