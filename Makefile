@@ -45,8 +45,7 @@ test-fast: venv
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: setup
-	$(PY) -m bench.run_bench --name humaneval-greedy-8x128
-	$(PY) -m bench.plots bench/results/humaneval-greedy-8x128.json
+	PY=$(PY) bench/matrix.sh
 
 proto: venv
 	$(PY) scripts/gen_proto.py

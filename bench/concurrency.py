@@ -21,7 +21,7 @@ import time
 import uuid
 from pathlib import Path
 
-from bench.run_bench import ROOT, load_prompts, machine_description
+from bench.run_bench import ROOT, load_prompt_ids, machine_description
 
 logger = logging.getLogger("saguaro.bench")
 
@@ -103,13 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from transformers import AutoTokenizer
-
-    from shared.config import Settings
-
-    settings = Settings()
-    tokenizer = AutoTokenizer.from_pretrained(settings.target_model)
-    prompts = [tokenizer(text)["input_ids"] for text in load_prompts(args.prompt_set, args.num_prompts)]
+    prompts = load_prompt_ids(args.prompt_set, args.num_prompts)
     levels = [int(level) for level in args.levels.split(",")]
     started = time.time()
     rows = []

@@ -94,15 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default="", help="result file name (default: fanout-t<temperature>)")
     args = parser.parse_args(argv)
 
-    from transformers import AutoTokenizer
-
-    from bench.run_bench import load_prompts, machine_description
-    from shared.config import Settings
+    from bench.run_bench import load_prompt_ids, machine_description
     from shared.fanout import uniform_fanout
 
-    settings = Settings()
-    tokenizer = AutoTokenizer.from_pretrained(settings.target_model)
-    prompts = [tokenizer(text)["input_ids"] for text in load_prompts(args.prompt_set, args.num_prompts)]
+    prompts = load_prompt_ids(args.prompt_set, args.num_prompts)
     k = 4
     budgets = [int(b) for b in args.budgets.split(",")]
     rows = []

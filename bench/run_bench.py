@@ -52,6 +52,16 @@ def load_prompts(name: str, count: int) -> list[str]:
     return [row[field] for row in rows[:count]]
 
 
+def load_prompt_ids(name: str, count: int) -> list[list[int]]:
+    """Return the first ``count`` prompts of a prompt set, tokenized with the target model's tokenizer."""
+    from transformers import AutoTokenizer
+
+    from shared.config import Settings
+
+    tokenizer = AutoTokenizer.from_pretrained(Settings().target_model)
+    return [tokenizer(text)["input_ids"] for text in load_prompts(name, count)]
+
+
 def run_saguaro_mode(label: str, env: dict[str, str], prompts: list[list[int]], max_tokens: int, log_dir: Path, temperature: float = 0.0) -> dict:
     import redis
 
@@ -100,7 +110,8 @@ def mode_settings(mode: str, args) -> tuple[str, dict[str, str]]:
     ar, sd and ssd are the decoding modes (ssd with the adaptive fan-out);
     ssd-geometric and ssd-uniform fix the fan-out rule; ssd-c<C> runs the
     rejection acceptance test with Saguaro sampling factor C (ssd-c1 is plain
-    rejection sampling); a -k<K> suffix sets K for that mode alone.
+    rejection sampling); a -k<K> suffix sets K for that mode alone, and -v<N>
+    gives the draft an output layer over the first N token ids plus those in use.
     """
     from shared.fanout import uniform_fanout
 
@@ -120,6 +131,8 @@ def mode_settings(mode: str, args) -> tuple[str, dict[str, str]]:
         elif variant.startswith("c"):
             env["SAGUARO_ACCEPTANCE"] = "rejection"
             env["SAGUARO_SAGUARO_C"] = variant[1:]
+        elif variant.startswith("v") and variant[1:].isdigit():
+            env["SAGUARO_DRAFT_VOCAB_SIZE"] = variant[1:]
         elif not (variant.startswith("k") and variant[1:].isdigit()):
             raise SystemExit(f"unknown variant {variant!r} of mode {base}")
     if args.hardware == "same-total" and base in ("ar", "sd"):
@@ -243,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--modes",
         default="ar,sd,ssd,hf",
-        help="comma-separated: ar, sd, ssd (adaptive fan-out), ssd-geometric, ssd-uniform, ssd-c<C> (rejection test, Saguaro factor C), hf (Hugging Face assisted generation)",
+        help="comma-separated: ar, sd, ssd (adaptive fan-out), ssd-geometric, ssd-uniform, ssd-c<C> (rejection test, Saguaro factor C), "
+        "hf (Hugging Face assisted generation); append -k<K> for K and -v<N> for a draft output layer over N token ids",
     )
     parser.add_argument(
         "--hardware",
@@ -260,14 +274,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from transformers import AutoTokenizer
-
     from services.launcher import default_cpu_split
     from shared.config import Settings
 
     settings = Settings()
-    tokenizer = AutoTokenizer.from_pretrained(settings.target_model)
-    prompts = [tokenizer(text)["input_ids"] for text in load_prompts(args.prompt_set, args.num_prompts)]
+    prompts = load_prompt_ids(args.prompt_set, args.num_prompts)
     verify_cpus, draft_cpus = default_cpu_split()
     name = args.name or f"{args.prompt_set}-{time.strftime('%Y%m%d-%H%M')}"
     out_dir = Path(args.out_dir)

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The full benchmark matrix, one command after another on a quiet machine (about 85 min on 2 cores).
+# Every result lands in bench/results/ with its command; charts are drawn at the end.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+
+# Greedy HumanEval, same target hardware: the issue's headline ratios.
+$PY -m bench.run_bench --name humaneval-greedy-16x128 --num-prompts 16 --max-tokens 128 --modes ar,sd,ssd,hf
+# T = 0.7: coupled SSD against the rejection test with Saguaro sampling factors C.
+$PY -m bench.run_bench --name humaneval-t0.7-saguaro-c --num-prompts 8 --max-tokens 64 --temperature 0.7 \
+    --modes ar,sd,ssd,ssd-c1,ssd-c0.7,ssd-c0.5,ssd-c0.3
+# Fan-out rules and budgets at T = 0.7.
+$PY -m bench.fanout_bench --name fanout-t0.7-budgets --temperature 0.7 --num-prompts 8 --max-tokens 64 \
+    --budgets 4,8,16 --policies uniform,geometric
+# Continuous batching.
+$PY -m bench.concurrency --name concurrency-humaneval --num-prompts 8 --max-tokens 64 --levels 1,4,8 --modes ar,ssd
+# Same total hardware: AR, SD and HF assisted may use both cores.
+$PY -m bench.run_bench --name humaneval-greedy-8x64-same-total --num-prompts 8 --max-tokens 64 --modes ar,sd,ssd,hf --hardware same-total
+# Draft speed: the cache build by phase, and SD and SSD with a sub-vocabulary draft output layer.
+$PY -m bench.draft_speed --name draft-speed-vocab --num-prompts 2 --steps 4 --variants int8,int8-v65536,int8-v32768
+$PY -m bench.run_bench --name humaneval-greedy-8x64-vocab --num-prompts 8 --max-tokens 64 --modes sd,ssd,sd-v32768,ssd-v32768
+# Prose and maths.
+$PY -m bench.run_bench --name gsm8k-greedy-8x64 --prompt-set gsm8k --num-prompts 8 --max-tokens 64 --modes ar,sd,ssd
+
+for result in humaneval-greedy-16x128 humaneval-t0.7-saguaro-c concurrency-humaneval humaneval-greedy-8x64-same-total gsm8k-greedy-8x64; do
+    $PY -m bench.plots "bench/results/$result.json"
+done
