@@ -82,6 +82,10 @@ class Settings(BaseSettings):
     cache_ttl_s: float = Field(30.0, gt=0, description="lifetime of speculation-cache entries in Redis, seconds")
     cache_wait_s: float = Field(10.0, gt=0, description="how long the verifier waits for the draft's cache before treating the step as a miss, seconds")
     draft_timeout_s: float = Field(30.0, gt=0, description="how long the verifier waits for a draft reply before decoding without speculation, seconds")
+    speculation_backoff: bool = Field(
+        True,
+        description="lower the drafts per request, and pause SSD cache builds, when fitted forward and build times predict that plain steps are faster",
+    )
     max_num_seqs: int = Field(4, ge=1, description="requests one verify replica decodes at the same time")
 
     # Placement.

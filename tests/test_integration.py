@@ -48,6 +48,9 @@ def start_stack(tiny_pair, tmp_path_factory, mode: str, **extra) -> Stack:
         "SAGUARO_DRAFT_QUANTIZATION": "none",
         "SAGUARO_MODE": mode,
         "SAGUARO_NUM_SPECULATIVE_TOKENS": "3",
+        # The tiny models' forwards cost about the same as the draft's builds, so the back-off
+        # would pause speculation; these tests exercise the speculative paths.
+        "SAGUARO_SPECULATION_BACKOFF": "false",
         **{f"SAGUARO_{k.upper()}": str(v) for k, v in extra.items()},
     }
     stack = Stack(env=env, log_dir=tmp_path_factory.mktemp(f"logs-{mode}"), start_timeout_s=120)

@@ -100,5 +100,7 @@ def tiny_stack_env(target_dir: Path, draft_dir: Path, namespace: str, mode: str 
         "SAGUARO_DRAFT_QUANTIZATION": "none",
         "SAGUARO_MODE": mode,
         "SAGUARO_NUM_SPECULATIVE_TOKENS": "3",
+        # Tiny models make the batch-size back-off pause speculation; tests exercise the speculative paths.
+        "SAGUARO_SPECULATION_BACKOFF": "false",
         **{f"SAGUARO_{name.upper()}": str(value) for name, value in settings.items()},
     }

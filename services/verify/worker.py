@@ -378,7 +378,7 @@ class VerifyWorker:
 
     def update_draft_limit(self, batch_size: int) -> None:
         """Set how many drafts each request verifies this step, from the batch size and measured costs."""
-        if self.settings.mode == "ar":
+        if self.settings.mode == "ar" or not self.settings.speculation_backoff:
             return
         limit = best_num_drafts(batch_size, self.k, self.acceptance.rate, self.forward_cost, current=self.draft_limit)
         if self.settings.mode == "ssd":
