@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 
-# Greedy HumanEval, same target hardware: the issue's headline ratios.
+# Greedy HumanEval, same target hardware: SSD against AR, SD and HF assisted generation.
 $PY -m bench.run_bench --name humaneval-greedy-16x128 --num-prompts 16 --max-tokens 128 --modes ar,sd,ssd,hf
 # T = 0.7: coupled SSD against the rejection test with Saguaro sampling factors C.
 $PY -m bench.run_bench --name humaneval-t0.7-saguaro-c --num-prompts 8 --max-tokens 64 --temperature 0.7 \

@@ -128,7 +128,7 @@ class ErrorEvent(_Message):
 
 
 class ProposalParams(_Message):
-    """How the draft samples its tokens when the verifier runs the rejection test with the draft's q.
+    """Sampling settings of the draft when the verifier runs the rejection test with the draft's q.
 
     The draft's proposal distribution q at a position is its softmax after
     ``temperature``, ``top_k`` and ``top_p``, cut to its ``support`` likeliest
