@@ -185,6 +185,18 @@ class DraftReply(_Message):
     elapsed_s: float
     # One q per token when the request carried proposal parameters, else empty (argmax drafts).
     proposals: list[Proposal] = Field(default_factory=list)
+    batch_size: int = Field(1, ge=1, description="requests the draft drafted for in the same forwards, this one included")
+
+
+class DraftBatch(_Message):
+    """Draft for several requests together, sharing the draft's forwards.
+
+    The draft replies once per request, in the order of ``requests``, with
+    ``DraftReply`` or ``ErrorReply``. A request that fails does not fail the others.
+    """
+
+    type: Literal["draft_batch"] = "draft_batch"
+    requests: list[DraftRequest] = Field(min_length=1)
 
 
 class BuildCacheRequest(_Message):
@@ -281,6 +293,7 @@ Message = Annotated[
         PrefillRequest,
         DraftRequest,
         DraftReply,
+        DraftBatch,
         BuildCacheRequest,
         BuildCacheBatch,
         CacheReady,

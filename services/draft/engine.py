@@ -92,6 +92,16 @@ class BuildJob:
     root_offset: int = 0
 
 
+@dataclass
+class DraftJob:
+    """The arguments of one ``sync`` plus ``draft``, for ``draft_batch``."""
+
+    seq: DraftSequence
+    base_len: int
+    tokens: list[int]
+    k: int
+
+
 class DraftEngine:
     def __init__(self, model, device: torch.device, vocab: VocabSubset | None = None):
         self.model = model
@@ -209,6 +219,67 @@ class DraftEngine:
             if len(drafted) == k:
                 return drafted, proposals
             self._extend(seq, tokens)
+
+    def draft_batch(self, jobs: list[DraftJob]) -> list[tuple[list[int], list[Proposal]]]:
+        """Run ``sync`` and ``draft`` for every job, sharing one packed forward per drafted position.
+
+        One forward runs every job's missing committed tokens; each further
+        forward runs one drafted token per job still drafting. The drafts equal
+        those of calling ``sync`` and ``draft`` per job, up to the rounding
+        differences of packed forwards (see ``shared.packing``). Raises
+        ValueError before changing any sequence if two jobs are for the same
+        request or a ``base_len`` is invalid.
+        """
+        if len(jobs) == 1:
+            job = jobs[0]
+            self.sync(job.seq, job.base_len, job.tokens)
+            return [self.draft(job.seq, job.k)]
+        seen: set[str] = set()
+        for job in jobs:
+            if job.seq.request_id in seen:
+                raise ValueError(f"request {job.seq.request_id} appears twice in one draft batch")
+            seen.add(job.seq.request_id)
+            self._reusable_length(job.seq, job.base_len, job.tokens)
+
+        missing = []
+        for job in jobs:
+            self.observe_tokens(job.tokens)
+            keep = self._reusable_length(job.seq, job.base_len, job.tokens)
+            # Run at least the last token again, so every job has fresh logits to draft from.
+            keep = min(keep, job.base_len + len(job.tokens) - 1)
+            job.seq.crop(keep)
+            missing.append(job.tokens[keep - job.base_len :])
+            job.seq.last_used = time.monotonic()
+
+        batch = PackedBatch(self.model, [job.seq.cache for job in jobs])
+        drafted: list[list[int]] = [[] for _ in jobs]
+        proposals: list[list[Proposal]] = [[] for _ in jobs]
+        inputs = missing
+        while any(inputs):
+            positions = [list(range(len(job.seq.ids), len(job.seq.ids) + len(tokens))) for job, tokens in zip(jobs, inputs)]
+            logits = batch.forward(inputs, positions)
+            next_inputs: list[list[int]] = []
+            for i, job in enumerate(jobs):
+                if not inputs[i]:
+                    next_inputs.append([])
+                    continue
+                self._record(job.seq, inputs[i], logits[i])
+                token, qs = self._next_draft(job.seq, len(drafted[i]))
+                drafted[i].append(token)
+                proposals[i].extend(qs)
+                # Like ``draft``: the last draft token's KV is not computed.
+                next_inputs.append([token] if len(drafted[i]) < job.k else [])
+            inputs = next_inputs
+        for i, job in enumerate(jobs):
+            batch.append_to(i, job.seq.cache)
+        return list(zip(drafted, proposals))
+
+    def _next_draft(self, seq: DraftSequence, index: int) -> tuple[int, list[Proposal]]:
+        """Return the draft token after the sequence's last token, and its q if sampled; ``index`` is its place in the speculation."""
+        if seq.proposal is None:
+            return seq.candidates[-1][0], []
+        tokens, qs = self.choose(seq, seq.last_logits[None], [len(seq.ids)], [index])
+        return tokens[0], qs
 
     # -- speculation cache ---------------------------------------------------
 

@@ -9,13 +9,14 @@ import time
 import redis
 import zmq
 
-from services.draft.engine import BuildJob, CacheBuild, DraftEngine, DraftSequence
+from services.draft.engine import BuildJob, CacheBuild, DraftEngine, DraftJob, DraftSequence
 from shared import keys, metrics
 from shared.protocol import (
     BuildCacheBatch,
     BuildCacheRequest,
     CacheEntry,
     CacheReady,
+    DraftBatch,
     DraftReply,
     DraftRequest,
     ErrorReply,
@@ -70,13 +71,14 @@ class DraftServer:
         self.socket.close()
 
     def handle_frame(self, frame: bytes):
-        """Decode and handle one frame; return its reply, a list of replies (``BuildCacheBatch``) or None."""
+        """Decode and handle one frame; return its reply, a list of replies (``BuildCacheBatch``, ``DraftBatch``) or None."""
         try:
             message = decode(frame)
         except ProtocolError as exc:
             logger.error("dropping invalid frame: %s", exc)
             return None
-        if isinstance(message, BuildCacheBatch):
+        batched = isinstance(message, (BuildCacheBatch, DraftBatch))
+        if batched:
             request_ids = [request.request_id for request in message.requests]
         else:
             request_ids = [getattr(message, "request_id", "")]
@@ -94,7 +96,7 @@ class DraftServer:
             errors = [ErrorReply(request_id=rid, code="internal", message=f"{type(exc).__name__}: {exc}") for rid in request_ids]
         finally:
             metrics.DRAFT_SEQUENCES.set(len(self.engine.sequences))
-        return errors if isinstance(message, BuildCacheBatch) else errors[0]
+        return errors if batched else errors[0]
 
     def handle(self, message):
         if isinstance(message, PrefillRequest):
@@ -105,6 +107,8 @@ class DraftServer:
             return self.build_cache(message)
         if isinstance(message, BuildCacheBatch):
             return self.build_cache_batch(message)
+        if isinstance(message, DraftBatch):
+            return self.draft_batch(message)
         if isinstance(message, ReleaseRequest):
             seq = self.engine.sequences.get(message.request_id)
             if seq is not None and seq.published_keys:
@@ -141,6 +145,59 @@ class DraftServer:
         self.drop_published(seq)
         return DraftReply(request_id=message.request_id, step=message.step, tokens=tokens, proposals=proposals, elapsed_s=time.perf_counter() - started)
 
+    def draft_batch(self, message: DraftBatch) -> list[DraftReply | ErrorReply]:
+        """Draft for all requests in shared forwards and return one reply per request, in order.
+
+        A request that is unknown, has an invalid base_len or repeats an earlier
+        request id gets its own ``ErrorReply``. The others are drafted together.
+        """
+        started = time.perf_counter()
+        replies: dict[int, DraftReply | ErrorReply] = {}
+        valid: list[int] = []
+        for index, request in enumerate(message.requests):
+            error = self._batch_error(request.request_id, request.base_len, message.requests[:index])
+            if error is not None:
+                replies[index] = error
+                continue
+            self.engine.sequences[request.request_id].proposal = request.proposal
+            valid.append(index)
+
+        requests = [message.requests[i] for i in valid]
+        jobs = [DraftJob(seq=self.engine.sequences[r.request_id], base_len=r.base_len, tokens=r.tokens, k=r.k) for r in requests]
+        try:
+            drafts = self.engine.draft_batch(jobs) if jobs else []
+            for job in jobs:
+                self.drop_published(job.seq)
+        except Exception as exc:  # fail the drafted requests, not the service
+            joined = ",".join(r.request_id for r in requests)
+            logger.exception("requests %s: batched draft failed", joined, extra={"request_id": joined})
+            for index, request in zip(valid, requests):
+                self.engine.release(request.request_id)
+                replies[index] = ErrorReply(request_id=request.request_id, code="internal", message=f"{type(exc).__name__}: {exc}")
+            return [replies[index] for index in range(len(message.requests))]
+        elapsed = time.perf_counter() - started
+        for index, request, (tokens, proposals) in zip(valid, requests, drafts):
+            replies[index] = DraftReply(
+                request_id=request.request_id, step=request.step, tokens=tokens, proposals=proposals, elapsed_s=elapsed, batch_size=len(jobs)
+            )
+        return [replies[index] for index in range(len(message.requests))]
+
+    def _batch_error(self, request_id: str, base_len: int, earlier) -> ErrorReply | None:
+        """Return the error reply for one request of a batch message, or None if it can run."""
+        if any(other.request_id == request_id for other in earlier):
+            logger.error("request %s: repeated in one batch message, handling only its first occurrence", request_id, extra={"request_id": request_id})
+            return ErrorReply(
+                request_id=request_id,
+                code="invalid",
+                message=f"request {request_id} appears more than once in one batch message; send at most one per request",
+            )
+        try:
+            self._sequence(request_id, base_len)
+        except UnknownRequest as exc:
+            logger.info("request %s: %s", request_id, exc, extra={"request_id": request_id})
+            return ErrorReply(request_id=request_id, code="unknown_request", message=str(exc))
+        return None
+
     def build_cache(self, message: BuildCacheRequest) -> CacheReady:
         seq = self._sequence(message.request_id, message.base_len)
         seq.proposal = message.proposal
@@ -162,25 +219,12 @@ class DraftServer:
         """
         replies: dict[int, CacheReady | ErrorReply] = {}
         groups: dict[int, list[int]] = {}  # k -> indices of the requests to build
-        seen: set[str] = set()
         for index, request in enumerate(message.requests):
-            request_id = request.request_id
-            if request_id in seen:
-                logger.error("request %s: repeated in one build_cache_batch message, building only its first occurrence", request_id, extra={"request_id": request_id})
-                replies[index] = ErrorReply(
-                    request_id=request_id,
-                    code="invalid",
-                    message=f"request {request_id} appears more than once in one build_cache_batch message; send at most one build per request",
-                )
+            error = self._batch_error(request.request_id, request.base_len, message.requests[:index])
+            if error is not None:
+                replies[index] = error
                 continue
-            seen.add(request_id)
-            try:
-                seq = self._sequence(request_id, request.base_len)
-            except UnknownRequest as exc:
-                logger.info("request %s: %s", request_id, exc, extra={"request_id": request_id})
-                replies[index] = ErrorReply(request_id=request_id, code="unknown_request", message=str(exc))
-                continue
-            seq.proposal = request.proposal
+            self.engine.sequences[request.request_id].proposal = request.proposal
             groups.setdefault(request.k, []).append(index)
 
         for indices in groups.values():
