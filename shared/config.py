@@ -84,7 +84,11 @@ class Settings(BaseSettings):
     draft_timeout_s: float = Field(30.0, gt=0, description="how long the verifier waits for a draft reply before decoding without speculation, seconds")
     speculation_backoff: bool = Field(
         True,
-        description="lower the drafts per request, and pause SSD cache builds, when fitted forward and build times predict that plain steps are faster",
+        description="fit forward, cache-build and draft times against the batch size, and lower the drafts per request and pick each step's kind of speculation from them",
+    )
+    step_kind: Literal["auto", "cache", "jit", "plain"] = Field(
+        "auto",
+        description="how verify steps get their speculation: cache (SSD caches, SSD mode only), jit (a batched draft after each step, as SD), plain (none); auto picks per step from fitted costs at the current batch size",
     )
     max_num_seqs: int = Field(4, ge=1, description="requests one verify replica decodes at the same time")
 
@@ -130,6 +134,8 @@ class Settings(BaseSettings):
             )
         if any(f < 0 for f in self.fanout):
             raise ValueError("fanout entries must be >= 0")
+        if self.step_kind == "cache" and self.mode != "ssd":
+            raise ValueError(f"step_kind=cache needs mode=ssd, got mode={self.mode}; use jit, plain or auto")
         if self.saguaro_c < 1.0 and self.acceptance != "rejection":
             raise ValueError(
                 f"saguaro_c={self.saguaro_c} needs acceptance=rejection: the coupled test drafts the argmax, so there is no q for C to reshape"

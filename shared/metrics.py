@@ -33,6 +33,8 @@ TIME_PER_OUTPUT_TOKEN = Histogram(
     "saguaro:time_per_output_token_seconds", "Decode time divided by output tokens after the first", buckets=STEP_BUCKETS
 )
 DRAFT_LIMIT = Gauge("saguaro:spec_decode_draft_limit", "Drafts per request the verifier checks at the current batch size (backs off as the batch grows)")
+VERIFY_STEPS = Counter("saguaro:verify_steps", "Batched verification steps by kind of speculation (cache, jit or plain)", ["kind"])
+STEP_KIND = Gauge("saguaro:verify_step_kind", "1 for the kind of speculation verify steps use now (cache, jit or plain), 0 for the others", ["kind"])
 BATCH_SIZE = Histogram("saguaro:verify_batch_size", "Requests in one batched verification step", buckets=(1, 2, 4, 8, 16, 32, 64, 128))
 REQUESTS_RUNNING = Gauge("saguaro:num_requests_running", "Requests this verify replica is decoding")
 REQUESTS_FINISHED = Counter("saguaro:request_success", "Finished requests by finish reason", ["finished_reason"])

@@ -25,16 +25,30 @@ def test_chooser_prefers_jit_alone():
     assert chooser.choose(batch_size=1, ngram_found=False) == "jit"
 
 
-def test_chooser_avoids_jit_in_a_large_batch():
+def test_chooser_avoids_jit_when_batched_drafts_are_slow():
     chooser = BackupChooser()
+    for _ in range(50):
+        chooser.observe_jit(8, 2.0)  # batched drafts of 8 requests that take 2 s
+        chooser.observe_jit(1, 0.2)
     assert chooser.choose(batch_size=8, ngram_found=True) == "ngram"
     assert chooser.choose(batch_size=8, ngram_found=False) == "none"
+    assert chooser.choose(batch_size=1, ngram_found=False) == "jit"
+
+
+def test_chooser_keeps_jit_in_a_batch_when_batched_drafts_are_cheap():
+    chooser = BackupChooser()
+    for _ in range(50):
+        chooser.observe_jit(8, 0.25)
+        chooser.observe_jit(1, 0.2)
+        chooser.observe_verify(0.6)
+    # 3 tokens in 0.85 s beat 1.5 tokens in 0.6 s.
+    assert chooser.choose(batch_size=8, ngram_found=True) == "jit"
 
 
 def test_chooser_follows_measurements():
     chooser = BackupChooser()
     for _ in range(100):
-        chooser.observe_jit(2.0)  # a slow draft
+        chooser.observe_jit(1, 2.0)  # a slow draft
         chooser.observe_verify(0.4)
         chooser.observe_tokens("ngram", 2)
     assert chooser.choose(batch_size=1, ngram_found=True) == "ngram"

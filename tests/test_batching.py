@@ -25,14 +25,20 @@ def solo(tiny_pair):  # noqa: F811
     return [target_greedy(tiny_pair[0], [prompt], max_tokens)[0] for prompt, max_tokens in JOBS]
 
 
-@pytest.mark.parametrize("mode", ["ar", "ssd"])
+# mode -> (SAGUARO_MODE, SAGUARO_STEP_KIND); ssd-jit runs SSD with every step drafted just in time.
+MODES = {"ar": ("ar", "auto"), "sd": ("sd", "auto"), "ssd": ("ssd", "auto"), "ssd-jit": ("ssd", "jit")}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
 def test_concurrent_requests_equal_solo(mode, tiny_pair, tmp_path_factory, solo):  # noqa: F811
-    deployment = start_stack(tiny_pair, tmp_path_factory, mode, max_num_seqs=4)
+    decode_mode, step_kind = MODES[mode]
+    deployment = start_stack(tiny_pair, tmp_path_factory, decode_mode, max_num_seqs=4, step_kind=step_kind)
     try:
         client, ns = redis_of(deployment)
         ids = [submit(client, ns, prompt, temperature=0.0, max_tokens=max_tokens, ignore_eos=True) for prompt, max_tokens in JOBS]
         results = [collect(client, ns, request_id, timeout_s=120) for request_id in ids]
         metrics = Scrape(httpx.get(deployment.metrics_url("verify"), timeout=10).text)
+        draft_metrics = Scrape(httpx.get(deployment.metrics_url("draft"), timeout=10).text) if mode != "ar" else None
     finally:
         deployment.stop()
     for index, (result, expected) in enumerate(zip(results, solo)):
@@ -41,6 +47,10 @@ def test_concurrent_requests_equal_solo(mode, tiny_pair, tmp_path_factory, solo)
     steps = metrics.value("saguaro:verify_batch_size_count")
     requests_in_steps = metrics.value("saguaro:verify_batch_size_sum")
     assert requests_in_steps / steps > 1.5, "steps did not batch several requests"
+    if mode in ("sd", "ssd-jit"):
+        # The drafts of a step's requests went out as one batched message.
+        assert draft_metrics.value("saguaro:draft_requests_total", type="draft_batch") > 5
+        assert draft_metrics.value("saguaro:draft_requests_total", type="build_cache_batch") == 0
 
 
 def test_sampled_request_is_unchanged_by_batch_company(tiny_pair, tmp_path_factory):  # noqa: F811

@@ -2,7 +2,7 @@
 
 import pytest
 
-from services.verify.scheduler import ForwardCost, best_num_drafts, expected_committed, speculation_pays
+from services.verify.scheduler import ForwardCost, best_num_drafts, choose_step_kind, expected_committed, step_rates
 
 
 def test_expected_committed_by_hand():
@@ -78,16 +78,59 @@ def test_current_count_survives_near_ties():
     assert best_num_drafts(1, 4, 0.2, cost, current=0, margin=0.0) == best
 
 
-def test_speculation_pauses_when_builds_dominate():
-    verify = cost_of(0.375, 0.01)
+def measured_draft_costs() -> tuple[ForwardCost, ForwardCost]:
+    """Return (cache build, JIT draft) fits of a draft whose builds grow with the batch and whose JIT drafts barely do."""
     builds = ForwardCost(per_token_ratio=0.5, prior_weight=0.01)
+    jits = ForwardCost(per_token_ratio=0.1, prior_weight=0.01)
     for batch in (1, 4, 8) * 20:
         builds.observe(batch, 0.5 * (1 + 0.5 * (batch - 1)))
-    # Batch 8: builds take 2.25 s, so 8 x 3.36 tokens per 2.25 s lose to 8 one-token forwards in 0.455 s.
-    assert not speculation_pays(8, 4, 0.8, verify, builds, speculating=True)
-    assert speculation_pays(1, 4, 0.8, verify, builds, speculating=False)
+        jits.observe(batch, 0.25 + 0.15 * (batch - 1) / 7)
+    return builds, jits
 
 
-def test_speculation_before_any_build_measurement():
-    assert speculation_pays(8, 4, 0.8, cost_of(0.375, 0.01), ForwardCost(per_token_ratio=0.5, default_s=0.0), speculating=True)
-    assert not speculation_pays(8, 0, 0.8, cost_of(0.375, 0.01), ForwardCost(), speculating=True)
+def test_step_rates_by_hand():
+    builds, jits = measured_draft_costs()
+    verify = cost_of(0.375, 0.01)
+    committed = expected_committed(0.8, 4)  # 3.3616 tokens per request
+    rates = step_rates(8, 4, 0.8, 0.8, verify, builds, jits)
+    # Batch 8: a 40-token forward of 0.775 s; builds of 2.25 s; JIT drafts of 0.4 s.
+    assert rates["cache"] == pytest.approx((8 * 0.8 * committed + 8 * 0.2) / 2.25, rel=1e-3)
+    assert rates["jit"] == pytest.approx(8 * committed / (0.775 + 0.4), rel=1e-3)
+    assert rates["plain"] == pytest.approx(8 / 0.455, rel=1e-3)
+    rates = step_rates(1, 4, 0.8, 0.8, verify, builds, jits)
+    assert rates["cache"] == pytest.approx((0.8 * committed + 0.2) / 0.5, rel=1e-3)
+    assert rates["jit"] == pytest.approx(committed / (0.425 + 0.25), rel=1e-3)
+
+
+def test_caches_for_one_request_jit_drafts_for_eight():
+    builds, jits = measured_draft_costs()
+    verify = cost_of(0.375, 0.01)
+    assert choose_step_kind(step_rates(1, 4, 0.8, 0.8, verify, builds, jits), "jit") == "cache"
+    assert choose_step_kind(step_rates(8, 4, 0.8, 0.8, verify, builds, jits), "cache") == "jit"
+    # SD mode offers no cache steps.
+    assert choose_step_kind(step_rates(1, 4, 0.8, 0.8, verify, builds, jits, kinds=("jit", "plain")), "jit") == "jit"
+
+
+def test_plain_steps_when_drafts_cost_more_than_they_commit():
+    builds, jits = measured_draft_costs()
+    verify = cost_of(0.375, 0.01)
+    # At acceptance rate 0.1 a step commits 1.11 tokens per request: not worth a draft.
+    assert choose_step_kind(step_rates(8, 4, 0.1, 0.8, verify, builds, jits), "cache") == "plain"
+    assert step_rates(8, 0, 0.8, 0.8, verify, builds, jits) == {"plain": pytest.approx(8 / 0.455, rel=1e-3)}
+
+
+def test_step_kind_holds_within_the_margin():
+    assert choose_step_kind({"cache": 1.0, "jit": 1.04, "plain": 0.5}, "cache") == "cache"
+    assert choose_step_kind({"cache": 1.0, "jit": 1.06, "plain": 0.5}, "cache") == "jit"
+    assert choose_step_kind({"cache": 1.0, "jit": 1.0, "plain": 1.0}, "missing") == "cache"
+
+
+def test_unmeasured_draft_prefers_jit_drafts_at_batch_eight():
+    # The verifier's priors before any draft measurement: a one-request build or JIT draft lasts one 5-token verify.
+    verify = cost_of(0.375, 0.01)
+    one_request = verify.predict(5)
+    builds = ForwardCost(per_token_ratio=1.0, default_s=one_request)
+    jits = ForwardCost(per_token_ratio=0.1, default_s=one_request)
+    assert builds.predict(8) == pytest.approx(one_request * 4.5)
+    assert choose_step_kind(step_rates(8, 4, 0.8, 0.75, verify, builds, jits), "cache") == "jit"
+    assert choose_step_kind(step_rates(1, 4, 0.8, 0.75, verify, builds, jits), "cache") == "cache"

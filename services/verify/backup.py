@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from services.verify.scheduler import ForwardCost
+
 
 def ngram_propose(tokens: list[int], k: int, max_n: int = 4, min_n: int = 2) -> list[int]:
     """Return up to ``k`` tokens that followed the latest earlier occurrence of the last n tokens.
@@ -40,30 +42,44 @@ class Ema:
         self.value += self.weight * (sample - self.value)
 
 
+def jit_cost_prior() -> ForwardCost:
+    """Return the fit of a JIT draft's time against the requests drafted together.
+
+    The draft drafts every request of a step in one batched forward per token,
+    so one more request adds a row, not a forward. The prior makes each
+    request add a tenth of a one-request draft. Before any measurement the
+    verifier sets ``default_s`` (see ``VerifyWorker.seed_draft_costs``).
+    """
+    return ForwardCost(per_token_ratio=0.1, default_s=0.2)
+
+
 @dataclass
 class BackupChooser:
     """Pick the backup with the highest expected tokens per second, from measured times and yields.
 
-    A JIT draft of one request delays every request verified in the same batch,
-    so its time counts once per request in the batch. N-gram and none cost no
+    A JIT draft delays every request verified in the same batch. The JIT
+    drafts of a step run as one batched draft request, whose time
+    ``jit_cost`` fits against the requests in it. N-gram and none cost no
     draft time. Expected committed tokens per step are measured per backup.
     """
 
     verify_s: Ema = field(default_factory=lambda: Ema(0.4))
-    jit_s: Ema = field(default_factory=lambda: Ema(0.2))
+    jit_cost: ForwardCost = field(default_factory=jit_cost_prior)
     tokens: dict[str, Ema] = field(default_factory=lambda: {"jit": Ema(3.0), "ngram": Ema(1.5), "none": Ema(1.0)})
 
     def observe_verify(self, seconds: float) -> None:
         self.verify_s.update(seconds)
 
-    def observe_jit(self, seconds: float) -> None:
-        self.jit_s.update(seconds)
+    def observe_jit(self, requests: int, seconds: float) -> None:
+        """Record that a batched JIT draft for ``requests`` requests took ``seconds``."""
+        self.jit_cost.observe(requests, seconds)
 
     def observe_tokens(self, kind: str, committed: int) -> None:
         self.tokens[kind].update(float(committed))
 
     def rate(self, kind: str, batch_size: int) -> float:
-        stall = self.jit_s.value * batch_size if kind == "jit" else 0.0
+        # Priced as if every request of the batch missed, the most expensive case.
+        stall = self.jit_cost.predict(batch_size) if kind == "jit" else 0.0
         return self.tokens[kind].value / (self.verify_s.value + stall)
 
     def choose(self, batch_size: int, ngram_found: bool) -> str:

@@ -13,10 +13,16 @@ The limit is recomputed every step from smoothed measurements and changes only
 when another count is predicted faster by more than 2%, so it neither waits
 for a timer nor flips back and forth on near-ties.
 
-In SSD mode the draft's cache build for the batch also bounds the step. Its
-time is fitted against the batch size the same way, and when plain one-token
-steps are predicted faster than waiting for the builds, the verifier stops
-asking for caches until the prediction turns (``speculation_pays``).
+Each step also takes one of three kinds (``choose_step_kind``). A ``cache``
+step (SSD) asks the draft to build the caches of the whole batch while the
+target verifies, so it lasts as long as the slower of the two. A ``jit``
+step (SD) drafts for the whole batch after the verification, in one batched
+draft request, so the two times add up. A ``plain`` step verifies one token
+per request and needs no draft. The build and the JIT draft times are fitted
+against the batch size like the forward. On this CPU the int8 draft's cache
+build grows about as fast as the batch while a JIT draft barely grows, so
+SSD serves small batches with caches and large ones with JIT drafts. The
+kind changes only when another is predicted faster by 5%.
 """
 
 from __future__ import annotations
@@ -95,21 +101,43 @@ def best_num_drafts(batch_size: int, max_drafts: int, acceptance_rate: float, co
     return best
 
 
-def speculation_pays(
-    batch_size: int, drafts: int, acceptance_rate: float, verify_cost: ForwardCost, draft_cost: ForwardCost, speculating: bool, margin: float = 0.05
-) -> bool:
-    """Return whether SSD steps beat plain one-token steps at this batch size.
+STEP_KINDS = ("cache", "jit", "plain")
 
-    An SSD step lasts as long as the slower of the target forward and the
-    draft's cache build for the whole batch, which ``draft_cost`` predicts from
-    the batch size. A plain step is a one-token forward per request and needs no draft.
-    The current choice stays unless the other is predicted faster by ``margin``.
+
+def step_rates(
+    batch_size: int,
+    drafts: int,
+    acceptance_rate: float,
+    hit_rate: float,
+    verify_cost: ForwardCost,
+    build_cost: ForwardCost,
+    jit_cost: ForwardCost,
+    kinds: tuple[str, ...] = STEP_KINDS,
+) -> dict[str, float]:
+    """Return the predicted tokens per second of each step kind in ``kinds`` at this batch size.
+
+    A cache step commits E(drafts) tokens per request on a hit and, counted
+    low, one token on a miss, and lasts max(verify, build). A JIT step
+    commits E(drafts) and lasts verify + JIT draft. A plain step commits one
+    token per request in a one-token-per-request forward. Kinds that need
+    drafts are left out when ``drafts`` is 0.
     """
-    if drafts == 0:
-        return False
-    step = max(verify_cost.predict(batch_size * (drafts + 1)), draft_cost.predict(batch_size))
-    speculative = batch_size * expected_committed(acceptance_rate, drafts) / step
-    plain = batch_size / verify_cost.predict(batch_size)
-    if speculating:
-        return plain <= speculative * (1.0 + margin)
-    return speculative > plain * (1.0 + margin)
+    rates = {}
+    if drafts > 0:
+        verify = verify_cost.predict(batch_size * (drafts + 1))
+        committed = batch_size * expected_committed(acceptance_rate, drafts)
+        if "cache" in kinds:
+            on_cache = batch_size * hit_rate * expected_committed(acceptance_rate, drafts) + batch_size * (1.0 - hit_rate)
+            rates["cache"] = on_cache / max(verify, build_cost.predict(batch_size))
+        if "jit" in kinds:
+            rates["jit"] = committed / (verify + jit_cost.predict(batch_size))
+    rates["plain"] = batch_size / verify_cost.predict(batch_size)
+    return rates
+
+
+def choose_step_kind(rates: dict[str, float], current: str, margin: float = 0.05) -> str:
+    """Return the kind with the highest rate, keeping ``current`` unless another beats it by ``margin``."""
+    best = max(rates, key=lambda kind: (rates[kind], -STEP_KINDS.index(kind)))
+    if current in rates and rates[current] * (1.0 + margin) >= rates[best]:
+        return current
+    return best

@@ -16,8 +16,11 @@ Continuous batching: every step runs one target forward for all running
 requests (up to ``max_num_seqs``), each with its own KV cache, positions and
 sampling parameters (``shared.packing``). Requests join and leave between
 steps. The number of drafts each request verifies follows the batch size
-(``services.verify.scheduler``), and the draft builds the caches of all
-requests of a step in one batched request per draft replica.
+(``services.verify.scheduler``). The draft builds the caches of all requests
+of a step, or drafts for all of them (SD steps and JIT backups), in one
+batched request per draft replica. In SSD mode each step picks its kind of
+speculation (cache, JIT drafts or none) from the measured costs at the
+current batch size.
 """
 
 from __future__ import annotations
@@ -30,11 +33,11 @@ from dataclasses import dataclass, field
 
 import redis
 
-from services.verify.backup import BackupChooser, ngram_propose
+from services.verify.backup import BackupChooser, Ema, jit_cost_prior, ngram_propose
 from services.verify.draft_client import DraftClient
 from services.verify.engine import TargetEngine, TargetSequence
 from services.verify.output import OutputState
-from services.verify.scheduler import ForwardCost, best_num_drafts, speculation_pays
+from services.verify.scheduler import STEP_KINDS, ForwardCost, best_num_drafts, choose_step_kind, step_rates
 from shared import keys, metrics
 from shared.config import Settings
 from shared.service import live_replicas
@@ -45,6 +48,7 @@ from shared.protocol import (
     CacheEntry,
     CacheReady,
     DecodeStats,
+    DraftBatch,
     DraftReply,
     DraftRequest,
     ErrorEvent,
@@ -98,8 +102,6 @@ class ActiveRequest:
     accepted: int = 0
     # Step number of a draft reply sent for but not yet received.
     awaiting_draft: int | None = None
-    # Whether the awaited draft reply is a JIT backup, whose time the backup chooser measures.
-    awaiting_jit_since: float | None = None
 
     @property
     def request_id(self) -> str:
@@ -143,15 +145,23 @@ class VerifyWorker:
         # Separate statistics after a hit and after a miss: a backup speculation is often
         # weaker, so the next step's acceptance lengths are shorter.
         self.adaptive = {source: self.new_fanout_policy() for source in ("hit", "miss")}
-        self.backups = BackupChooser()
         self.forward_cost = ForwardCost()
         # Draft cache-build time of one step against the batch size. The prior makes a build for b requests
-        # cost (1 + b / 2) / 1.5 times one request's. Measured ratios at several batch sizes replace it
-        # (8 requests took 4.5 times one with the int8 Qwen2.5-Coder-0.5B draft on one core).
-        self.build_cost = ForwardCost(per_token_ratio=0.5, default_s=0.0)
+        # cost (1 + b) / 2 times one request's, as measured with the int8 Qwen2.5-Coder-0.5B draft on one
+        # core (8 requests took 4.5 times one). Measurements at several batch sizes replace it.
+        self.build_cost = ForwardCost(per_token_ratio=1.0)
+        # Time of a step's batched JIT draft against the requests in it; the backup chooser shares it.
+        self.jit_cost = jit_cost_prior()
+        self.backups = BackupChooser(jit_cost=self.jit_cost)
+        # Share of cache lookups that hit, recent ones weighing most.
+        self.hit_rate = Ema(0.75, weight=0.05)
         self.draft_limit = self.k
-        # Whether SSD steps currently beat plain steps; off, no caches are built.
-        self.speculating = True
+        # How steps get their speculation: SSD caches, JIT drafts, or none (see ``services.verify.scheduler``).
+        self.step_kind = {"ssd": "cache", "sd": "jit"}.get(settings.mode, "plain")
+        if settings.mode != "ar" and settings.step_kind != "auto":
+            self.step_kind = settings.step_kind
+        # Draft requests of this step, per draft address, sent together by ``send_drafts``.
+        self._outgoing: dict[str, list[DraftRequest]] = {}
         self._logged_fanout: list[int] = []
         self._fanout_logged_at = 0.0
         self.stream = keys.request_stream(self.ns)
@@ -353,9 +363,10 @@ class VerifyWorker:
 
         metrics.BATCH_SIZE.observe(len(batch))
         self.update_draft_limit(len(batch))
+        metrics.VERIFY_STEPS.labels(self.step_kind).inc()
         for active in batch:
             self.trim_drafts(active)
-        if self.settings.mode == "ssd" and self.speculating:
+        if self.settings.mode == "ssd" and self.step_kind == "cache":
             self.request_caches([active for active in batch if active.draft_address is not None])
 
         started = time.perf_counter()
@@ -382,17 +393,22 @@ class VerifyWorker:
         if self.settings.mode == "ar" or not self.settings.speculation_backoff:
             return
         limit = best_num_drafts(batch_size, self.k, self.acceptance.rate, self.forward_cost, current=self.draft_limit)
-        if self.settings.mode == "ssd":
-            pays = speculation_pays(batch_size, limit, self.acceptance.rate, self.forward_cost, self.build_cost, self.speculating)
-            if pays != self.speculating:
-                logger.info(
-                    "%s speculation at batch size %d: predicted cache build %.0f ms against a %d-token forward of %.0f ms",
-                    "resuming" if pays else "pausing", batch_size, 1000 * self.build_cost.predict(batch_size),
-                    batch_size * (limit + 1), 1000 * self.forward_cost.predict(batch_size * (limit + 1)),
-                )
-                self.speculating = pays
-            if not self.speculating:
-                limit = 0
+        self.seed_draft_costs()
+        kinds = STEP_KINDS if self.settings.mode == "ssd" else ("jit", "plain")
+        rates = step_rates(batch_size, limit, self.acceptance.rate, self.hit_rate.value, self.forward_cost, self.build_cost, self.jit_cost, kinds)
+        kind = choose_step_kind(rates, self.step_kind) if self.settings.step_kind == "auto" else self.settings.step_kind
+        if kind != self.step_kind:
+            logger.info(
+                "speculation now %s at batch size %d: predicted %s tokens/s; cache build %.0f ms, JIT draft %.0f ms, %d-token forward %.0f ms",
+                kind, batch_size, ", ".join(f"{name} {rate:.1f}" for name, rate in rates.items()),
+                1000 * self.build_cost.predict(batch_size), 1000 * self.jit_cost.predict(batch_size),
+                batch_size * (limit + 1), 1000 * self.forward_cost.predict(batch_size * (limit + 1)),
+            )
+            self.step_kind = kind
+        for name in STEP_KINDS:
+            metrics.STEP_KIND.labels(name).set(1.0 if name == kind else 0.0)
+        if kind == "plain":
+            limit = 0
         if limit != self.draft_limit:
             base, per_token = self.forward_cost.coefficients()
             logger.info(
@@ -401,6 +417,16 @@ class VerifyWorker:
             )
             self.draft_limit = limit
         metrics.DRAFT_LIMIT.set(limit)
+
+    def seed_draft_costs(self) -> None:
+        """Until the draft's times are measured, predict a cache build or JIT draft for one request to take one verification.
+
+        That is the design point of SSD: a build that fits inside the verification.
+        """
+        one_request = self.forward_cost.predict(self.k + 1)
+        for cost in (self.build_cost, self.jit_cost):
+            if cost.weight == 0.0:
+                cost.default_s = one_request
 
     def trim_drafts(self, active: ActiveRequest) -> None:
         output = active.output
@@ -451,6 +477,8 @@ class VerifyWorker:
                 active.drafts = self.next_speculation(active, active.accepted)
             except Exception as exc:
                 self.fail_active(active, exc)
+        requested = self.send_drafts()
+        started = time.perf_counter()
         for active in batch:
             if active.awaiting_draft is None or active not in self.active:
                 continue
@@ -458,11 +486,17 @@ class VerifyWorker:
                 step = active.awaiting_draft
                 active.awaiting_draft = None
                 active.drafts = self.await_draft(active, step)
-                if active.awaiting_jit_since is not None:
-                    self.backups.observe_jit(time.perf_counter() - active.awaiting_jit_since)
-                    active.awaiting_jit_since = None
             except Exception as exc:
                 self.fail_active(active, exc)
+        if requested:
+            self.jit_cost.observe(requested, time.perf_counter() - started)
+
+    def send_drafts(self) -> int:
+        """Send the step's draft requests, one message per draft replica, and return the largest number sent to one replica."""
+        outgoing, self._outgoing = self._outgoing, {}
+        for address, requests in outgoing.items():
+            self.drafts.send(address, requests[0] if len(requests) == 1 else DraftBatch(requests=requests))
+        return max((len(requests) for requests in outgoing.values()), default=0)
 
     def record_step(self, active: ActiveRequest, drafted: int, accepted: int, verify_s: float) -> None:
         stats = active.stats
@@ -513,11 +547,17 @@ class VerifyWorker:
         return lists
 
     def proposal_params(self, sampling, top_f: list[int] | None) -> ProposalParams | None:
-        """Return how the draft samples for a request, or None when it drafts the argmax (coupled test or T = 0)."""
+        """Return how the draft samples for a request, or None when it drafts the argmax (coupled test or T = 0).
+
+        NOTE: with C < 1 the draft's q depends on ``top_f``, which follows the
+        adaptive fan-out, and the backup chosen per step changes q too. So a
+        seeded request repeats its output only with a fixed ``fanout`` and
+        ``backup``. The output distribution is exact either way.
+        """
         if self.settings.acceptance != "rejection" or sampling.temperature == 0.0:
             return None
         if top_f is None:
-            top_f = geometric_fanout(self.k, self.settings.fanout_budget, self.acceptance.rate, self.settings.fanout_miss_exponent)
+            top_f = list(self.settings.fanout) or geometric_fanout(self.k, self.settings.fanout_budget, self.acceptance.rate, self.settings.fanout_miss_exponent)
         return ProposalParams(
             temperature=sampling.temperature,
             top_k=sampling.top_k,
@@ -566,7 +606,7 @@ class VerifyWorker:
 
     def next_speculation(self, active: ActiveRequest, accepted: int) -> list[int]:
         mode = self.settings.mode
-        if mode == "ar" or not self.speculating:
+        if mode == "ar" or self.step_kind == "plain":
             return []
         if active.draft_address is None:
             return self.reattach_draft(active)
@@ -593,7 +633,6 @@ class VerifyWorker:
         active.stats = active.stats.model_copy(update={"backup_runs": runs})
         metrics.BACKUPS.labels(kind).inc()
         if kind == "jit":
-            active.awaiting_jit_since = time.perf_counter()
             return self.jit_draft(active)
         # N-gram drafts are deterministic given the context: the rejection test treats their q as one-hot.
         active.proposals = []
@@ -625,6 +664,7 @@ class VerifyWorker:
                 active.fanout.observe_rank(accepted, rank)
 
         value = self.redis.get(keys.spec_entry(self.ns, rid, step, accepted, active.seq.root))
+        self.hit_rate.update(0.0 if value is None else 1.0)
         if value is None:
             metrics.CACHE_LOOKUPS.labels("miss").inc()
             active.stats = active.stats.model_copy(update={"cache_misses": active.stats.cache_misses + 1})
@@ -637,16 +677,13 @@ class VerifyWorker:
         return list(entry.tokens)
 
     def jit_draft(self, active: ActiveRequest) -> list[int]:
-        """Send a draft request for the next step; ``speculate`` awaits the reply once every request's is sent.
-
-        NOTE: the draft serves these one request at a time. In SD mode and for JIT
-        backups a batch therefore waits for the sum of its requests' drafting
-        times, because only SSD cache builds share draft forwards.
-        """
+        """Queue a draft request for the next step; ``speculate`` sends the step's requests together and awaits them."""
         base, tail = self._tail(active)
         proposal = self.proposal_params(active.request.sampling, self.fanout(active, self.k))
-        message = DraftRequest(request_id=active.request_id, step=active.step, base_len=base, tokens=tail, k=self.k, proposal=proposal)
-        self.drafts.send(active.draft_address, message)
+        # Drafts past the current limit would be trimmed unverified.
+        k = max(1, min(self.k, self.draft_limit))
+        message = DraftRequest(request_id=active.request_id, step=active.step, base_len=base, tokens=tail, k=k, proposal=proposal)
+        self._outgoing.setdefault(active.draft_address, []).append(message)
         active.draft_anchor = len(active.seq.ids)
         active.awaiting_draft = active.step
         return []
