@@ -46,6 +46,19 @@ def run_waves(client, namespace: str, prompts: list[list[int]], concurrency: int
     return {"concurrency": concurrency, "outputs": outputs, "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall, "steps": steps}
 
 
+def steps_by_kind(stack) -> dict[str, float]:
+    """Return the verify service's step counts by kind of speculation (cache, jit, plain), from its metrics."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    counts = {}
+    for family in text_string_to_metric_families(httpx.get(stack.metrics_url("verify"), timeout=10).text):
+        for sample in family.samples:
+            if sample.name == "saguaro:verify_steps_total":
+                counts[sample.labels["kind"]] = sample.value
+    return counts
+
+
 def run_mode(mode: str, prompts: list[list[int]], levels: list[int], max_tokens: int, k: int, log_dir: Path) -> list[dict]:
     import redis
 
@@ -59,7 +72,10 @@ def run_mode(mode: str, prompts: list[list[int]], levels: list[int], max_tokens:
         client = redis.Redis.from_url(stack.redis_url)
         generate(client, namespace, prompts[0], temperature=0.0, max_tokens=4, ignore_eos=True, timeout_s=600)
         for level in levels:
+            before = steps_by_kind(stack)
             row = run_waves(client, namespace, prompts, level, max_tokens)
+            after = steps_by_kind(stack)
+            row["step_kinds"] = {kind: int(after[kind] - before.get(kind, 0.0)) for kind in after if after[kind] > before.get(kind, 0.0)}
             row["mode"] = mode
             rows.append(row)
             logger.info("%s at concurrency %d: %.2f tokens/s", mode, level, row["tokens_per_s"])
@@ -73,18 +89,19 @@ def render_markdown(result: dict) -> str:
         f"- command: `{result['command']}`",
         f"- machine: {result['machine']}",
         f"- prompts: {result['num_prompts']} from {result['prompt_set']}, {result['max_tokens']} new tokens each (EOS ignored), greedy",
-        "- placement: verify on CPU 0, draft on CPU 1, one torch thread each; every mode batches all running requests into one target forward per step",
+        "- placement: verify on CPU 0, draft on CPU 1, one torch thread each; every mode batches all running requests into one target forward per step, and the draft serves the drafts or cache builds of a step as one batched request",
         f"- started {result['started']}, took {result['elapsed_s'] / 60:.1f} min",
         "",
-        "| mode | concurrency | aggregate tokens/s | vs AR at the same concurrency | tokens per step and request | outputs equal to concurrency 1 |",
-        "|---|---|---|---|---|---|",
+        "| mode | concurrency | aggregate tokens/s | vs AR at the same concurrency | tokens per step and request | verify steps by kind | outputs equal to concurrency 1 |",
+        "|---|---|---|---|---|---|---|",
     ]
     ar = {row["concurrency"]: row for row in result["rows"] if row["mode"] == "ar"}
     for row in result["rows"]:
         base = ar.get(row["concurrency"])
         ratio = f"{row['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
+        kinds = ", ".join(f"{kind} {count}" for kind, count in sorted(row.get("step_kinds", {}).items())) or "-"
         lines.append(
-            f"| {row['mode']} | {row['concurrency']} | {row['tokens_per_s']:.2f} | {ratio} | {row['tokens'] / row['steps']:.2f} | {row['equal_to_solo']} |"
+            f"| {row['mode']} | {row['concurrency']} | {row['tokens_per_s']:.2f} | {ratio} | {row['tokens'] / row['steps']:.2f} | {kinds} | {row['equal_to_solo']} |"
         )
     lines += ["", f"Greedy outputs of every mode and concurrency equal AR at concurrency 1: {result['all_equal_ar_solo']}", ""]
     return "\n".join(lines)

@@ -1,5 +1,8 @@
 """Time the draft's speculation-cache build by phase (glue, fork, tree, publish), bf16 against int8.
 
+Also times the draft's output layer inside each build (over the glue and tree
+forwards), the share a sub-vocabulary output layer cuts.
+
 Runs the draft engine in this process on one core with one thread, on HumanEval
 prompts, building the cache for K = 4 with 8 branches per step, as the SSD
 deployment does. Writes ``bench/results/draft-speed.md`` and ``.json``.
@@ -17,17 +20,53 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+class OutputLayerTimer:
+    """Wall time spent in a model's output layer, through global module hooks.
+
+    The hooks look the layer up on every call because a sub-vocabulary output
+    layer is replaced when requests bring new tokens.
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.total_s = 0.0
+        self._started = 0.0
+
+    def __enter__(self) -> "OutputLayerTimer":
+        from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+
+        self._handles = [register_module_forward_pre_hook(self._before), register_module_forward_hook(self._after)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def _before(self, module, args) -> None:
+        if module is self.model.get_output_embeddings():
+            self._started = time.perf_counter()
+
+    def _after(self, module, args, output) -> None:
+        if module is self.model.get_output_embeddings():
+            self.total_s += time.perf_counter() - self._started
+
+
 def time_builds(engine, prompts: list[list[int]], k: int, fanout: list[int], steps: int, client, namespace: str) -> dict[str, float]:
     from shared import keys
     from shared.protocol import CacheEntry, encode
 
     phases: dict[str, list[float]] = {"glue": [], "fork": [], "tree": [], "publish": []}
+    output_layer: list[float] = []
+    timer = OutputLayerTimer(engine.model)
     for index, prompt in enumerate(prompts):
         seq = engine.prefill(f"bench-{index}", prompt)
         base = len(prompt) - 1
         tokens = [prompt[-1]] + engine.draft(seq, k)[0]
         for step in range(steps):
-            build = engine.build_cache(seq, base, tokens, fanout, k)
+            before = timer.total_s
+            with timer:
+                build = engine.build_cache(seq, base, tokens, fanout, k)
+            output_layer.append(timer.total_s - before)
             started = time.perf_counter()
             pipe = client.pipeline(transaction=False)
             for branch in build.branches:
@@ -42,7 +81,10 @@ def time_builds(engine, prompts: list[list[int]], k: int, fanout: list[int], ste
             base += k + 1
             tokens = [bonus.token] + bonus.tokens
         engine.release(seq.request_id)
-    return {phase: 1000 * statistics.median(values) for phase, values in phases.items()}
+    medians = {phase: 1000 * statistics.median(values) for phase, values in phases.items()}
+    # Part of glue and tree, not a phase of its own.
+    medians["output_layer"] = 1000 * statistics.median(output_layer)
+    return medians
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,11 +139,14 @@ def main(argv: list[str] | None = None) -> int:
         f"- machine: {machine_description()}; draft on CPU {draft_cpus or 'any'}, one torch thread",
         f"- draft: `{settings.draft_model}`; K = {k}, fan-out {fanout} ({sum(fanout)} branches); {len(prompts)} HumanEval prompts x {args.steps} builds; medians in ms",
         "",
-        "| draft (weights, -v<N>: output layer over the first N ids plus those in use) | glue | fork | tree (K forwards) | publish | total |",
-        "|---|---|---|---|---|---|",
+        "| draft (weights, -v<N>: output layer over the first N ids plus those in use) | glue | fork | tree (K forwards) | publish | total | output layer, within glue and tree |",
+        "|---|---|---|---|---|---|---|",
     ]
     for label, phases in results.items():
-        lines.append(f"| {label} | {phases['glue']:.1f} | {phases['fork']:.2f} | {phases['tree']:.1f} | {phases['publish']:.2f} | {sum(phases.values()):.1f} |")
+        total = sum(phases[phase] for phase in ("glue", "fork", "tree", "publish"))
+        lines.append(
+            f"| {label} | {phases['glue']:.1f} | {phases['fork']:.2f} | {phases['tree']:.1f} | {phases['publish']:.2f} | {total:.1f} | {phases['output_layer']:.1f} |"
+        )
     out = ROOT / "bench" / "results"
     (out / f"{args.name}.json").write_text(json.dumps({"command": command, "results": results}, indent=1))
     (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
