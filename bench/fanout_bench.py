@@ -4,7 +4,14 @@ Runs SSD deployments (K = 4) that differ only in the fan-out policy and budget:
 uniform (a fixed even list), geometric (the closed-form rule with a measured
 acceptance rate) and adaptive (measured acceptance lengths and candidate ranks).
 Sampling at the given temperature with fixed seeds, so every policy verifies the
-same committed tokens. Writes ``bench/results/fanout-<temperature>.md`` and ``.json``,
+same committed tokens.
+
+Runs also differ in which drafts they verify, so their lookups differ. For a
+paired comparison on identical lookups, the verifier counts each lookup's
+acceptance length and the rank of the committed token among the draft's
+candidates (``saguaro:spec_cache_committed_rank``). A list f caches that token
+exactly when rank < f_j, so the uniform list's hits on the same lookups follow
+from the counts. Writes ``bench/results/fanout-<temperature>.md`` and ``.json``,
 and with several budgets a chart of hit rate against budget.
 """
 
@@ -17,6 +24,38 @@ import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def ranked_lookups(stack, k: int) -> dict:
+    """Return the verify service's ranked lookups: per acceptance length j, counts of committed-token rank <= r, plus hits.
+
+    ``rank_le[j][r]`` counts lookups after j accepted drafts whose committed token
+    had rank <= r among the draft's candidates (r = 0..15), ``total[j]`` all such lookups.
+    """
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    rank_le = [[0.0] * 16 for _ in range(k + 1)]
+    total = [0.0] * (k + 1)
+    hits = 0.0
+    text = httpx.get(stack.metrics_url("verify"), timeout=10).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if not sample.name.startswith("saguaro:spec_cache_committed_rank"):
+                continue
+            j = int(sample.labels["accepted"])
+            if sample.name.endswith("_count"):
+                total[j] += sample.value
+                if sample.labels["result"] == "hit":
+                    hits += sample.value
+            elif sample.name.endswith("_bucket") and sample.labels["le"] != "+Inf":
+                rank_le[j][int(float(sample.labels["le"]))] += sample.value
+    return {"rank_le": rank_le, "total": total, "hits": hits}
+
+
+def hits_of_list(lookups: dict, fanout: list[int]) -> float:
+    """Return how many of ``lookups`` a cache built with the fixed list ``fanout`` would have hit."""
+    return sum(lookups["rank_le"][j][min(f, 16) - 1] for j, f in enumerate(fanout) if f > 0)
 
 
 def run_policy(name: str, extra: dict[str, str], budget: int, k: int, prompts: list[list[int]], args) -> tuple[dict, list[list[int]]]:
@@ -47,6 +86,7 @@ def run_policy(name: str, extra: dict[str, str], budget: int, k: int, prompts: l
             steps += stats.steps
             tokens += result.finish.usage.completion_tokens
             outputs.append(result.token_ids)
+        lookups = ranked_lookups(stack, k)
     # The verify service logs each fan-out list it switches to.
     lists = []
     for path in log_dir.glob("verify*.log"):
@@ -59,6 +99,7 @@ def run_policy(name: str, extra: dict[str, str], budget: int, k: int, prompts: l
         "hit_rate": hits / max(1, hits + misses),
         "mean_acceptance_length": tokens / steps,
         "fanout_lists": extra.get("SAGUARO_FANOUT") or "; ".join(lists[-3:]),
+        "ranked_lookups": lookups,
     }
     return row, outputs
 
@@ -122,13 +163,23 @@ def main(argv: list[str] | None = None) -> int:
         f"- SSD, K = {k}, JIT backup, coupled acceptance; {len(prompts)} {args.prompt_set} prompts x {args.max_tokens} tokens, seeds 0..{len(prompts) - 1}",
         f"- outputs identical across policies and budgets (same seeds): {all(o == outputs[0] for o in outputs)}",
         "",
-        "| budget | policy | cache hits | misses | hit rate | mean acceptance length | fan-out lists (last logged) |",
-        "|---|---|---|---|---|---|---|",
+        "| budget | policy | cache hits | misses | hit rate | mean acceptance length | fan-out lists (last logged) | ranked lookups | policy's hits on them | uniform list's hits on the same lookups |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
+        lookups = row["ranked_lookups"]
+        count = sum(lookups["total"])
+        uniform_hits = hits_of_list(lookups, uniform_fanout(k, row["budget"]))
+        paired = f"{int(count)} | {int(lookups['hits'])} ({lookups['hits'] / max(1, count):.1%}) | {int(uniform_hits)} ({uniform_hits / max(1, count):.1%})"
         lines.append(
-            f"| {row['budget']} | {row['policy']} | {row['hits']} | {row['misses']} | {row['hit_rate']:.1%} | {row['mean_acceptance_length']:.2f} | {row['fanout_lists']} |"
+            f"| {row['budget']} | {row['policy']} | {row['hits']} | {row['misses']} | {row['hit_rate']:.1%} | {row['mean_acceptance_length']:.2f} | {row['fanout_lists']} | {paired} |"
         )
+    lines += [
+        "",
+        "Ranked lookups are those after a K-draft speculation, where the verifier knows the",
+        "committed token's rank among the draft's candidates; the last two columns compare the",
+        "policy with the uniform list on exactly those lookups.",
+    ]
     out = ROOT / "bench" / "results"
     stem = args.name or f"fanout-t{args.temperature}"
     (out / f"{stem}.json").write_text(json.dumps({"command": command, "rows": rows}, indent=1))

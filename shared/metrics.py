@@ -17,6 +17,13 @@ NUM_ACCEPTED_TOKENS = Counter("saguaro:spec_decode_num_accepted_tokens", "Draft 
 NUM_ACCEPTED_PER_POS = Counter(
     "saguaro:spec_decode_num_accepted_tokens_per_pos", "Accepted draft tokens by draft position (0-based)", ["position"]
 )
+CACHE_COMMITTED_RANK = Histogram(
+    "saguaro:spec_cache_committed_rank",
+    "Rank of the committed token among the draft's candidates at each cache lookup after a K-draft speculation, "
+    "by acceptance length and lookup result (beyond the last bucket: not among the candidates)",
+    ["accepted", "result"],
+    buckets=tuple(float(rank) for rank in range(16)),
+)
 CACHE_LOOKUPS = Counter("saguaro:spec_cache_lookups", "Speculation-cache lookups after a step, by result", ["result"])
 BACKUPS = Counter("saguaro:spec_backup_runs", "Backup speculations run after an SSD cache miss, or when no cache was pending, by kind", ["kind"])
 BACKUP_TOKENS = Counter("saguaro:spec_backup_committed_tokens", "Tokens committed by the steps that verified a backup speculation, by kind", ["kind"])

@@ -100,6 +100,17 @@ def test_request_moves_service_metrics(stack):
     saguaro = body["saguaro"]
     assert lookups == saguaro["cache_hits"] + saguaro["cache_misses"]
 
+    def grew(name: str, **labels: str) -> float:
+        return after["verify"].value(name, **labels) - before["verify"].value(name, **labels)
+
+    ranked = grew("saguaro:spec_cache_committed_rank_count")
+    assert 0 < ranked <= lookups
+    ranked_hits = grew("saguaro:spec_cache_committed_rank_count", result="hit")
+    assert ranked_hits <= saguaro["cache_hits"]
+    # A hit's token was among the draft's candidates, so it lies in a finite bucket.
+    assert grew("saguaro:spec_cache_committed_rank_bucket", result="hit", le="15.0") == ranked_hits
+    assert grew("saguaro:verify_steps_total", kind="cache") >= saguaro["cache_hits"] + saguaro["cache_misses"]
+
     for phase in ("glue", "fork", "tree", "publish"):
         name = "saguaro:draft_cache_build_seconds_count"
         assert after["draft"].value(name, phase=phase) > before["draft"].value(name, phase=phase), f"draft {name} phase={phase}"

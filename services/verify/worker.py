@@ -656,15 +656,17 @@ class VerifyWorker:
 
         active.stats = active.stats.model_copy(update={"cache_build_s": active.stats.cache_build_s + ready.build_s})
         self.build_cost.observe(ready.batch_size, ready.build_s)
+        value = self.redis.get(keys.spec_entry(self.ns, rid, step, accepted, active.seq.root))
+        self.hit_rate.update(0.0 if value is None else 1.0)
         if accepted < len(ready.candidates) and len(ready.candidates) == self.k + 1:
             ranked = ready.candidates[accepted]
             rank = ranked.index(active.seq.root) if active.seq.root in ranked else None
             self.adaptive[active.cache_source].observe_rank(accepted, rank)
             if active.cache_source == "hit":
                 active.fanout.observe_rank(accepted, rank)
+            # A rank past the last bucket (16) stands for "not among the candidates".
+            metrics.CACHE_COMMITTED_RANK.labels(str(accepted), "miss" if value is None else "hit").observe(rank if rank is not None else 16)
 
-        value = self.redis.get(keys.spec_entry(self.ns, rid, step, accepted, active.seq.root))
-        self.hit_rate.update(0.0 if value is None else 1.0)
         if value is None:
             metrics.CACHE_LOOKUPS.labels("miss").inc()
             active.stats = active.stats.model_copy(update={"cache_misses": active.stats.cache_misses + 1})
