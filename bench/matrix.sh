@@ -12,9 +12,9 @@ $PY -m bench.run_bench --name humaneval-t0.7-saguaro-c --num-prompts 8 --max-tok
     --modes ar,sd,ssd,ssd-c1,ssd-c0.7,ssd-c0.5,ssd-c0.3
 # Fan-out rules and budgets at T = 0.7.
 $PY -m bench.fanout_bench --name fanout-t0.7-budgets --temperature 0.7 --num-prompts 8 --max-tokens 64 \
-    --budgets 4,8,16 --policies uniform,geometric
+    --budgets 4,8,16 --policies uniform,geometric,adaptive
 # Continuous batching.
-$PY -m bench.concurrency --name concurrency-humaneval --num-prompts 8 --max-tokens 64 --levels 1,4,8 --modes ar,ssd
+$PY -m bench.concurrency --name concurrency-humaneval --num-prompts 8 --max-tokens 64 --levels 1,4,8 --modes ar,sd,ssd
 # Same total hardware: AR, SD and HF assisted may use both cores.
 $PY -m bench.run_bench --name humaneval-greedy-8x64-same-total --num-prompts 8 --max-tokens 64 --modes ar,sd,ssd,hf --hardware same-total
 # Draft speed: the cache build by phase, and SD and SSD with a sub-vocabulary draft output layer.
