@@ -71,6 +71,8 @@ def run_policy(name: str, extra: dict[str, str], budget: int, k: int, prompts: l
         "SAGUARO_NUM_SPECULATIVE_TOKENS": str(k),
         "SAGUARO_FANOUT_BUDGET": str(budget),
         "SAGUARO_BACKUP": "jit",
+        # Fixed K and cache steps throughout: with a poor list the verifier would otherwise switch to JIT steps.
+        "SAGUARO_SPECULATION_BACKOFF": "false",
         **extra,
     }
     log_dir = ROOT / "logs" / "bench" / f"fanout-{name}-{budget}"
@@ -160,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"- command: `{command.strip()}`",
         f"- machine: {machine_description()}; verify on core 0, draft on core 1",
-        f"- SSD, K = {k}, JIT backup, coupled acceptance; {len(prompts)} {args.prompt_set} prompts x {args.max_tokens} tokens, seeds 0..{len(prompts) - 1}",
+        f"- SSD with cache steps throughout, K = {k}, JIT backup, coupled acceptance; {len(prompts)} {args.prompt_set} prompts x {args.max_tokens} tokens, seeds 0..{len(prompts) - 1}",
         f"- outputs identical across policies and budgets (same seeds): {all(o == outputs[0] for o in outputs)}",
         "",
         "| budget | policy | cache hits | misses | hit rate | mean acceptance length | fan-out lists (last logged) | ranked lookups | policy's hits on them | uniform list's hits on the same lookups |",

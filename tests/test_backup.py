@@ -25,7 +25,7 @@ def test_chooser_prefers_jit_alone():
     assert chooser.choose(batch_size=1, ngram_found=False) == "jit"
 
 
-def test_chooser_avoids_jit_when_batched_drafts_are_slow():
+def test_chooser_avoids_slow_batched_jit():
     chooser = BackupChooser()
     for _ in range(50):
         chooser.observe_jit(8, 2.0)  # batched drafts of 8 requests that take 2 s
@@ -35,7 +35,7 @@ def test_chooser_avoids_jit_when_batched_drafts_are_slow():
     assert chooser.choose(batch_size=1, ngram_found=False) == "jit"
 
 
-def test_chooser_keeps_jit_in_a_batch_when_batched_drafts_are_cheap():
+def test_chooser_keeps_cheap_batched_jit():
     chooser = BackupChooser()
     for _ in range(50):
         chooser.observe_jit(8, 0.25)

@@ -102,7 +102,7 @@ def test_step_rates_by_hand():
     assert rates["jit"] == pytest.approx(committed / (0.425 + 0.25), rel=1e-3)
 
 
-def test_caches_for_one_request_jit_drafts_for_eight():
+def test_step_kind_by_batch_size():
     builds, jits = measured_draft_costs()
     verify = cost_of(0.375, 0.01)
     assert choose_step_kind(step_rates(1, 4, 0.8, 0.8, verify, builds, jits), "jit") == "cache"
@@ -111,7 +111,7 @@ def test_caches_for_one_request_jit_drafts_for_eight():
     assert choose_step_kind(step_rates(1, 4, 0.8, 0.8, verify, builds, jits, kinds=("jit", "plain")), "jit") == "jit"
 
 
-def test_plain_steps_when_drafts_cost_more_than_they_commit():
+def test_plain_steps_at_low_acceptance():
     builds, jits = measured_draft_costs()
     verify = cost_of(0.375, 0.01)
     # At acceptance rate 0.1 a step commits 1.11 tokens per request: not worth a draft.
@@ -125,7 +125,7 @@ def test_step_kind_holds_within_the_margin():
     assert choose_step_kind({"cache": 1.0, "jit": 1.0, "plain": 1.0}, "missing") == "cache"
 
 
-def test_unmeasured_draft_prefers_jit_drafts_at_batch_eight():
+def test_priors_pick_jit_at_batch_eight():
     # The verifier's priors before any draft measurement: a one-request build or JIT draft lasts one 5-token verify.
     verify = cost_of(0.375, 0.01)
     one_request = verify.predict(5)

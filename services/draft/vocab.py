@@ -1,9 +1,9 @@
 """A sub-vocabulary output layer for the draft.
 
 At the draft's tree width the output layer is the largest single cost of a
-forward: on Qwen2.5-Coder-0.5B with int8 weights on one CPU core it takes 19 ms
-of a 94 ms forward over 8 tokens, because it has 151,936 rows
-(measured with ``torch.set_num_threads(1)`` on a 2-core Xeon VM). The draft only
+forward: on Qwen2.5-Coder-0.5B with int8 weights on one CPU core it took 90 ms of
+a 520 ms cache build (five forwards over 5 to 8 tokens), because it has 151,936
+rows (``python -m bench.draft_speed`` on a 2-core Xeon VM, one thread). The draft only
 proposes tokens, so it can score a subset. The subset starts with the first
 ``size`` token ids and the special tokens. Byte-level BPE vocabularies number
 tokens in merge order, so low ids are the common ones. Every token seen in a

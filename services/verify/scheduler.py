@@ -19,9 +19,10 @@ target verifies, so it lasts as long as the slower of the two. A ``jit``
 step (SD) drafts for the whole batch after the verification, in one batched
 draft request, so the two times add up. A ``plain`` step verifies one token
 per request and needs no draft. The build and the JIT draft times are fitted
-against the batch size like the forward. On this CPU the int8 draft's cache
-build grows about as fast as the batch while a JIT draft barely grows, so
-SSD serves small batches with caches and large ones with JIT drafts. The
+against the batch size like the forward. With the int8 Qwen2.5-Coder-0.5B
+draft on one core of a 2-core Xeon VM, the cache build grew about as fast as
+the batch while a JIT draft barely grew, so SSD used caches for 1 or 2
+requests and JIT drafts for 4 to 8 (``python -m bench.concurrency``). The
 kind changes only when another is predicted faster by 5%.
 """
 
