@@ -18,6 +18,7 @@ and with several budgets a chart of hit rate against budget.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import uuid
@@ -56,6 +57,19 @@ def ranked_lookups(stack, k: int) -> dict:
 def hits_of_list(lookups: dict, fanout: list[int]) -> float:
     """Return how many of ``lookups`` a cache built with the fixed list ``fanout`` would have hit."""
     return sum(lookups["rank_le"][j][min(f, 16) - 1] for j, f in enumerate(fanout) if f > 0)
+
+
+def best_list(lookups: dict, k: int, budget: int) -> tuple[list[int], float]:
+    """Return the fixed list of ``budget`` branches with the most hits on ``lookups``, and its hits (exhaustive search)."""
+    best: tuple[list[int], float] = ([], -1.0)
+    for cuts in itertools.combinations(range(budget + k), k):
+        # Stars and bars: k cuts among budget + k slots split the budget over k + 1 lengths.
+        bounds = (-1, *cuts, budget + k)
+        fanout = [bounds[j + 1] - bounds[j] - 1 for j in range(k + 1)]
+        hits = hits_of_list(lookups, fanout)
+        if hits > best[1]:
+            best = (fanout, hits)
+    return best
 
 
 def run_policy(name: str, extra: dict[str, str], budget: int, k: int, prompts: list[list[int]], args) -> tuple[dict, list[list[int]]]:
@@ -135,7 +149,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--policies", default="uniform,geometric,adaptive", help="comma-separated: uniform, geometric, adaptive")
     parser.add_argument("--prompt-set", default="humaneval")
     parser.add_argument("--name", default="", help="result file name (default: fanout-t<temperature>)")
+    parser.add_argument("--report", metavar="JSON", help="rewrite the markdown and chart of an earlier run's JSON result instead of running")
     args = parser.parse_args(argv)
+    if args.report:
+        path = Path(args.report)
+        write_report(json.loads(path.read_text()), path.with_suffix(""))
+        return 0
 
     from bench.run_bench import load_prompt_ids, machine_description
     from shared.fanout import uniform_fanout
@@ -157,39 +176,66 @@ def main(argv: list[str] | None = None) -> int:
             outputs.append(output)
 
     command = "python -m bench.fanout_bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    result = {
+        "command": command.strip(),
+        "machine": machine_description(),
+        "k": k,
+        "num_prompts": len(prompts),
+        "prompt_set": args.prompt_set,
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "outputs_identical": all(o == outputs[0] for o in outputs),
+        "rows": rows,
+    }
+    out = ROOT / "bench" / "results"
+    stem = args.name or f"fanout-t{args.temperature}"
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    write_report(result, out / stem)
+    return 0
+
+
+def write_report(result: dict, stem: Path) -> None:
+    """Write ``<stem>.md``, and with several budgets ``<stem>-hit-rate.png``, from a run's result."""
+    from shared.fanout import uniform_fanout
+
+    k = result["k"]
     lines = [
-        f"# Fan-out policies at temperature {args.temperature}",
+        f"# Fan-out policies at temperature {result['temperature']}",
         "",
-        f"- command: `{command.strip()}`",
-        f"- machine: {machine_description()}; verify on core 0, draft on core 1",
-        f"- SSD with cache steps throughout, K = {k}, JIT backup, coupled acceptance; {len(prompts)} {args.prompt_set} prompts x {args.max_tokens} tokens, seeds 0..{len(prompts) - 1}",
-        f"- outputs identical across policies and budgets (same seeds): {all(o == outputs[0] for o in outputs)}",
+        f"- command: `{result['command']}`",
+        f"- machine: {result['machine']}; verify on core 0, draft on core 1",
+        f"- SSD with cache steps throughout, K = {k}, JIT backup, coupled acceptance; {result['num_prompts']} {result['prompt_set']} prompts "
+        f"x {result['max_tokens']} tokens, seeds 0..{result['num_prompts'] - 1}",
+        f"- outputs identical across policies and budgets (same seeds): {result['outputs_identical']}",
         "",
-        "| budget | policy | cache hits | misses | hit rate | mean acceptance length | fan-out lists (last logged) | ranked lookups | policy's hits on them | uniform list's hits on the same lookups |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| budget | policy | cache hits | misses | hit rate | mean acceptance length | fan-out lists (last logged) "
+        "| ranked lookups | policy's hits on them | uniform list's hits on the same lookups | best fixed list's hits on them |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for row in rows:
+    for row in result["rows"]:
         lookups = row["ranked_lookups"]
-        count = sum(lookups["total"])
+        count = max(1.0, sum(lookups["total"]))
         uniform_hits = hits_of_list(lookups, uniform_fanout(k, row["budget"]))
-        paired = f"{int(count)} | {int(lookups['hits'])} ({lookups['hits'] / max(1, count):.1%}) | {int(uniform_hits)} ({uniform_hits / max(1, count):.1%})"
+        best, best_hits = best_list(lookups, k, row["budget"])
+        paired = (
+            f"{int(sum(lookups['total']))} | {int(lookups['hits'])} ({lookups['hits'] / count:.1%}) "
+            f"| {int(uniform_hits)} ({uniform_hits / count:.1%}) | {int(best_hits)} ({best_hits / count:.1%}, {','.join(map(str, best))})"
+        )
         lines.append(
-            f"| {row['budget']} | {row['policy']} | {row['hits']} | {row['misses']} | {row['hit_rate']:.1%} | {row['mean_acceptance_length']:.2f} | {row['fanout_lists']} | {paired} |"
+            f"| {row['budget']} | {row['policy']} | {row['hits']} | {row['misses']} | {row['hit_rate']:.1%} "
+            f"| {row['mean_acceptance_length']:.2f} | {row['fanout_lists']} | {paired} |"
         )
     lines += [
         "",
         "Ranked lookups are those after a K-draft speculation, where the verifier knows the",
-        "committed token's rank among the draft's candidates; the last two columns compare the",
-        "policy with the uniform list on exactly those lookups.",
+        "committed token's rank among the draft's candidates. The last three columns count hits on",
+        "exactly those lookups: the policy's own, the uniform list's, and the best any fixed list",
+        "of the same budget could have had (found by trying every list, so it knows the answers).",
     ]
-    out = ROOT / "bench" / "results"
-    stem = args.name or f"fanout-t{args.temperature}"
-    (out / f"{stem}.json").write_text(json.dumps({"command": command, "rows": rows}, indent=1))
-    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    if len(budgets) > 1:
-        plot(rows, out / f"{stem}-hit-rate.png", args.temperature)
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    if len({row["budget"] for row in result["rows"]}) > 1:
+        plot(result["rows"], stem.parent / f"{stem.name}-hit-rate.png", result["temperature"])
     print("\n".join(lines))
-    return 0
 
 
 if __name__ == "__main__":

@@ -91,3 +91,15 @@ def test_adaptive_fanout_counts_misses_outside_the_list():
     allocation = policy.allocation()
     assert all(count <= 3 for count in allocation)
     assert sum(allocation) == 4
+
+
+def test_paired_list_hits_by_hand():
+    from bench.fanout_bench import best_list, hits_of_list
+
+    # K = 1. After 0 accepted drafts: 2 lookups at rank 0 and 1 at rank 1. After 1: one at rank 1.
+    lookups = {"rank_le": [[2, 3] + [3] * 14, [0, 1] + [1] * 14], "total": [3, 1], "hits": 0}
+    assert hits_of_list(lookups, [1, 1]) == 2
+    assert hits_of_list(lookups, [0, 2]) == 1
+    assert hits_of_list(lookups, [2, 0]) == 3
+    assert best_list(lookups, 1, 2) == ([2, 0], 3)
+    assert best_list(lookups, 1, 4) == ([2, 2], 4)
