@@ -53,3 +53,17 @@ def test_chooser_follows_measurements():
         chooser.observe_tokens("ngram", 2)
     assert chooser.choose(batch_size=1, ngram_found=True) == "ngram"
     assert chooser.rate("jit", 1) < chooser.rate("ngram", 1)
+
+
+def test_miss_outcome_follows_the_backup():
+    chooser = BackupChooser()
+    for _ in range(50):
+        chooser.observe_jit(1, 0.25)
+        chooser.observe_tokens("jit", 4)
+        chooser.observe_tokens("none", 1)
+    tokens, stall = chooser.miss_outcome(1, "jit")
+    assert tokens == pytest.approx(4.0, abs=0.05)
+    assert stall == pytest.approx(0.25, abs=0.01)
+    assert chooser.miss_outcome(1, "none") == (pytest.approx(1.0, abs=0.05), 0.0)
+    # Auto picks what choose picks: here the JIT draft.
+    assert chooser.miss_outcome(1) == chooser.miss_outcome(1, "jit")

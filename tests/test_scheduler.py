@@ -102,6 +102,17 @@ def test_step_rates_by_hand():
     assert rates["jit"] == pytest.approx(committed / (0.425 + 0.25), rel=1e-3)
 
 
+def test_cache_rate_counts_backup_stalls():
+    builds, jits = measured_draft_costs()
+    verify = cost_of(0.375, 0.01)
+    committed = expected_committed(0.8, 4)
+    # JIT backups: a miss commits a full speculation, but some request of 4 misses with probability 1 - 0.8^4.
+    rates = step_rates(4, 4, 0.8, 0.8, verify, builds, jits, miss_tokens=committed, miss_stall_s=0.3)
+    step_s = max(verify.predict(20), builds.predict(4)) + (1 - 0.8**4) * 0.3
+    assert rates["cache"] == pytest.approx(4 * committed / step_s, rel=1e-3)
+    assert rates["jit"] == pytest.approx(4 * committed / (verify.predict(20) + jits.predict(4)), rel=1e-3)
+
+
 def test_step_kind_by_batch_size():
     builds, jits = measured_draft_costs()
     verify = cost_of(0.375, 0.01)

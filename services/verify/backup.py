@@ -85,3 +85,12 @@ class BackupChooser:
     def choose(self, batch_size: int, ngram_found: bool) -> str:
         kinds = ["jit", "none"] + (["ngram"] if ngram_found else [])
         return max(kinds, key=lambda kind: self.rate(kind, batch_size))
+
+    def miss_outcome(self, batch_size: int, kind: str | None = None) -> tuple[float, float]:
+        """Return the tokens per request that the step after a miss commits, and the batch's wait for the backup in seconds.
+
+        ``kind`` is the configured backup, or None for the one ``choose`` picks without an n-gram match.
+        """
+        kind = kind or self.choose(batch_size, ngram_found=False)
+        stall = self.jit_cost.predict(batch_size) if kind == "jit" else 0.0
+        return self.tokens[kind].value, stall

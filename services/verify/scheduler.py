@@ -114,22 +114,27 @@ def step_rates(
     build_cost: ForwardCost,
     jit_cost: ForwardCost,
     kinds: tuple[str, ...] = STEP_KINDS,
+    miss_tokens: float = 1.0,
+    miss_stall_s: float = 0.0,
 ) -> dict[str, float]:
     """Return the predicted tokens per second of each step kind in ``kinds`` at this batch size.
 
-    A cache step commits E(drafts) tokens per request on a hit and, counted
-    low, one token on a miss, and lasts max(verify, build). A JIT step
-    commits E(drafts) and lasts verify + JIT draft. A plain step commits one
-    token per request in a one-token-per-request forward. Kinds that need
-    drafts are left out when ``drafts`` is 0.
+    A cache step commits E(drafts) tokens per request on a hit and
+    ``miss_tokens`` after a miss, whose backup delays the whole batch by
+    ``miss_stall_s`` whenever any of its requests misses (probability
+    1 - hit_rate^batch_size). It lasts max(verify, build) plus that delay. A
+    JIT step commits E(drafts) and lasts verify + JIT draft. A plain step
+    commits one token per request in a one-token-per-request forward. Kinds
+    that need drafts are left out when ``drafts`` is 0.
     """
     rates = {}
     if drafts > 0:
         verify = verify_cost.predict(batch_size * (drafts + 1))
         committed = batch_size * expected_committed(acceptance_rate, drafts)
         if "cache" in kinds:
-            on_cache = batch_size * hit_rate * expected_committed(acceptance_rate, drafts) + batch_size * (1.0 - hit_rate)
-            rates["cache"] = on_cache / max(verify, build_cost.predict(batch_size))
+            on_cache = batch_size * (hit_rate * expected_committed(acceptance_rate, drafts) + (1.0 - hit_rate) * miss_tokens)
+            stall = (1.0 - hit_rate**batch_size) * miss_stall_s
+            rates["cache"] = on_cache / (max(verify, build_cost.predict(batch_size)) + stall)
         if "jit" in kinds:
             rates["jit"] = committed / (verify + jit_cost.predict(batch_size))
     rates["plain"] = batch_size / verify_cost.predict(batch_size)

@@ -395,7 +395,11 @@ class VerifyWorker:
         limit = best_num_drafts(batch_size, self.k, self.acceptance.rate, self.forward_cost, current=self.draft_limit)
         self.seed_draft_costs()
         kinds = STEP_KINDS if self.settings.mode == "ssd" else ("jit", "plain")
-        rates = step_rates(batch_size, limit, self.acceptance.rate, self.hit_rate.value, self.forward_cost, self.build_cost, self.jit_cost, kinds)
+        backup = None if self.settings.backup == "auto" else self.settings.backup
+        miss_tokens, miss_stall_s = self.backups.miss_outcome(batch_size, backup)
+        rates = step_rates(
+            batch_size, limit, self.acceptance.rate, self.hit_rate.value, self.forward_cost, self.build_cost, self.jit_cost, kinds, miss_tokens, miss_stall_s
+        )
         kind = choose_step_kind(rates, self.step_kind) if self.settings.step_kind == "auto" else self.settings.step_kind
         if kind != self.step_kind:
             logger.info(
