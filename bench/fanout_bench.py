@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.report:
         path = Path(args.report)
-        write_report(json.loads(path.read_text()), path.with_suffix(""))
+        write_report(json.loads(path.read_text()), path.parent, path.name.removesuffix(".json"))
         return 0
 
     from bench.run_bench import load_prompt_ids, machine_description
@@ -190,12 +190,12 @@ def main(argv: list[str] | None = None) -> int:
     out = ROOT / "bench" / "results"
     stem = args.name or f"fanout-t{args.temperature}"
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    write_report(result, out / stem)
+    write_report(result, out, stem)
     return 0
 
 
-def write_report(result: dict, stem: Path) -> None:
-    """Write ``<stem>.md``, and with several budgets ``<stem>-hit-rate.png``, from a run's result."""
+def write_report(result: dict, out: Path, stem: str) -> None:
+    """Write ``<stem>.md`` in ``out``, and with several budgets ``<stem>-hit-rate.png``, from a run's result."""
     from shared.fanout import uniform_fanout
 
     k = result["k"]
@@ -232,9 +232,9 @@ def write_report(result: dict, stem: Path) -> None:
         "exactly those lookups: the policy's own, the uniform list's, and the best any fixed list",
         "of the same budget could have had (found by trying every list, so it knows the answers).",
     ]
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     if len({row["budget"] for row in result["rows"]}) > 1:
-        plot(result["rows"], stem.parent / f"{stem.name}-hit-rate.png", result["temperature"])
+        plot(result["rows"], out / f"{stem}-hit-rate.png", result["temperature"])
     print("\n".join(lines))
 
 
