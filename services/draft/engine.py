@@ -234,12 +234,7 @@ class DraftEngine:
             job = jobs[0]
             self.sync(job.seq, job.base_len, job.tokens)
             return [self.draft(job.seq, job.k)]
-        seen: set[str] = set()
-        for job in jobs:
-            if job.seq.request_id in seen:
-                raise ValueError(f"request {job.seq.request_id} appears twice in one draft batch")
-            seen.add(job.seq.request_id)
-            self._reusable_length(job.seq, job.base_len, job.tokens)
+        self._check_distinct(jobs, "draft batch")
 
         missing = []
         for job in jobs:
@@ -410,10 +405,14 @@ class DraftEngine:
         distinct_k = sorted({job.k for job in jobs})
         if len(distinct_k) > 1:
             raise ValueError(f"jobs of one cache-build batch must share k, got k = {distinct_k}; build each k in its own batch")
+        self._check_distinct(jobs, "cache-build batch")
+
+    def _check_distinct(self, jobs: list[BuildJob] | list[DraftJob], batch_name: str) -> None:
+        """Raise ValueError if two jobs are for the same request or a job's ``base_len`` is invalid."""
         seen: set[str] = set()
         for job in jobs:
             if job.seq.request_id in seen:
-                raise ValueError(f"request {job.seq.request_id} appears twice in one cache-build batch")
+                raise ValueError(f"request {job.seq.request_id} appears twice in one {batch_name}")
             seen.add(job.seq.request_id)
             self._reusable_length(job.seq, job.base_len, job.tokens)
 

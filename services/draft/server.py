@@ -152,15 +152,7 @@ class DraftServer:
         request id gets its own ``ErrorReply``. The others are drafted together.
         """
         started = time.perf_counter()
-        replies: dict[int, DraftReply | ErrorReply] = {}
-        valid: list[int] = []
-        for index, request in enumerate(message.requests):
-            error = self._batch_error(request.request_id, request.base_len, message.requests[:index])
-            if error is not None:
-                replies[index] = error
-                continue
-            self.engine.sequences[request.request_id].proposal = request.proposal
-            valid.append(index)
+        replies, valid = self._admit_batch(message.requests)
 
         requests = [message.requests[i] for i in valid]
         jobs = [DraftJob(seq=self.engine.sequences[r.request_id], base_len=r.base_len, tokens=r.tokens, k=r.k) for r in requests]
@@ -181,6 +173,22 @@ class DraftServer:
                 request_id=request.request_id, step=request.step, tokens=tokens, proposals=proposals, elapsed_s=elapsed, batch_size=len(jobs)
             )
         return [replies[index] for index in range(len(message.requests))]
+
+    def _admit_batch(self, requests: list[DraftRequest] | list[BuildCacheRequest]) -> tuple[dict[int, ErrorReply], list[int]]:
+        """Check every request of a batch message and set the proposal parameters of the valid ones.
+
+        Returns the error replies by request index and the indices of the valid requests.
+        """
+        errors: dict[int, ErrorReply] = {}
+        valid: list[int] = []
+        for index, request in enumerate(requests):
+            error = self._batch_error(request.request_id, request.base_len, requests[:index])
+            if error is not None:
+                errors[index] = error
+                continue
+            self.engine.sequences[request.request_id].proposal = request.proposal
+            valid.append(index)
+        return errors, valid
 
     def _batch_error(self, request_id: str, base_len: int, earlier) -> ErrorReply | None:
         """Return the error reply for one request of a batch message, or None if it can run."""
@@ -217,15 +225,10 @@ class DraftServer:
         request id gets its own ``ErrorReply``. The others are built in one
         ``build_cache_batch`` per distinct k, because the tree forwards need a common depth.
         """
-        replies: dict[int, CacheReady | ErrorReply] = {}
+        replies, valid = self._admit_batch(message.requests)
         groups: dict[int, list[int]] = {}  # k -> indices of the requests to build
-        for index, request in enumerate(message.requests):
-            error = self._batch_error(request.request_id, request.base_len, message.requests[:index])
-            if error is not None:
-                replies[index] = error
-                continue
-            self.engine.sequences[request.request_id].proposal = request.proposal
-            groups.setdefault(request.k, []).append(index)
+        for index in valid:
+            groups.setdefault(message.requests[index].k, []).append(index)
 
         for indices in groups.values():
             replies.update(self._build_group([message.requests[i] for i in indices], indices))
