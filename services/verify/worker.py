@@ -483,6 +483,7 @@ class VerifyWorker:
                 self.fail_active(active, exc)
         requested = self.send_drafts()
         started = time.perf_counter()
+        all_replied = True
         for active in batch:
             if active.awaiting_draft is None or active not in self.active:
                 continue
@@ -490,9 +491,13 @@ class VerifyWorker:
                 step = active.awaiting_draft
                 active.awaiting_draft = None
                 active.drafts = self.await_draft(active, step)
+                # await_draft drops the draft replica of a request whose reply failed or timed out.
+                all_replied = all_replied and active.draft_address is not None
             except Exception as exc:
+                all_replied = False
                 self.fail_active(active, exc)
-        if requested:
+        # A timed-out or failed draft says nothing about drafting time and would skew the fit for long.
+        if requested and all_replied:
             self.jit_cost.observe(requested, time.perf_counter() - started)
 
     def send_drafts(self) -> int:
