@@ -199,26 +199,20 @@ class DraftEngine:
 
     def draft(self, seq: DraftSequence, k: int) -> tuple[list[int], list[Proposal]]:
         """Draft ``k`` tokens after the sequence's last token (k - 1 forwards); return them and their q, if sampled."""
-        if seq.proposal is None:
-            drafted = [seq.candidates[-1][0]]
-            while len(drafted) < k:
-                self._extend(seq, [drafted[-1]])
-                drafted.append(seq.candidates[-1][0])
-            return drafted, []
-        if seq.last_logits is None:
-            # Cropping dropped the logits; recompute them from the last token.
+        if seq.proposal is not None and seq.last_logits is None:
+            # Cropping dropped the logits that sampling needs; recompute them from the last token.
             last = seq.ids[-1]
             seq.crop(len(seq.ids) - 1)
             self._extend(seq, [last])
         drafted: list[int] = []
         proposals: list[Proposal] = []
         while True:
-            tokens, qs = self.choose(seq, seq.last_logits[None], [len(seq.ids)], [len(drafted)])
-            drafted.extend(tokens)
+            token, qs = self._next_draft(seq, len(drafted))
+            drafted.append(token)
             proposals.extend(qs)
             if len(drafted) == k:
                 return drafted, proposals
-            self._extend(seq, tokens)
+            self._extend(seq, [token])
 
     def draft_batch(self, jobs: list[DraftJob]) -> list[tuple[list[int], list[Proposal]]]:
         """Run ``sync`` and ``draft`` for every job, sharing one packed forward per drafted position.

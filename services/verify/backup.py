@@ -77,10 +77,12 @@ class BackupChooser:
     def observe_tokens(self, kind: str, committed: int) -> None:
         self.tokens[kind].update(float(committed))
 
+    def stall_s(self, kind: str, batch_size: int) -> float:
+        """Return how long the batch waits for backup ``kind``, priced as if every request of the batch missed."""
+        return self.jit_cost.predict(batch_size) if kind == "jit" else 0.0
+
     def rate(self, kind: str, batch_size: int) -> float:
-        # Priced as if every request of the batch missed, the most expensive case.
-        stall = self.jit_cost.predict(batch_size) if kind == "jit" else 0.0
-        return self.tokens[kind].value / (self.verify_s.value + stall)
+        return self.tokens[kind].value / (self.verify_s.value + self.stall_s(kind, batch_size))
 
     def choose(self, batch_size: int, ngram_found: bool) -> str:
         kinds = ["jit", "none"] + (["ngram"] if ngram_found else [])
@@ -92,5 +94,4 @@ class BackupChooser:
         ``kind`` is the configured backup, or None for the one ``choose`` picks without an n-gram match.
         """
         kind = kind or self.choose(batch_size, ngram_found=False)
-        stall = self.jit_cost.predict(batch_size) if kind == "jit" else 0.0
-        return self.tokens[kind].value, stall
+        return self.tokens[kind].value, self.stall_s(kind, batch_size)

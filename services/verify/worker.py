@@ -150,7 +150,7 @@ class VerifyWorker:
         # cost (1 + b) / 2 times one request's, as measured with the int8 Qwen2.5-Coder-0.5B draft on one
         # core (8 requests took 4.5 times one). Measurements at several batch sizes replace it.
         self.build_cost = ForwardCost(per_token_ratio=1.0)
-        # Time of a step's batched JIT draft against the requests in it; the backup chooser shares it.
+        # Time of a step's batched JIT draft against the requests in it. The backup chooser shares this fit.
         self.jit_cost = jit_cost_prior()
         self.backups = BackupChooser(jit_cost=self.jit_cost)
         # Share of cache lookups that hit, recent ones weighing most.
@@ -496,7 +496,7 @@ class VerifyWorker:
             except Exception as exc:
                 all_replied = False
                 self.fail_active(active, exc)
-        # A timed-out or failed draft says nothing about drafting time and would skew the fit for long.
+        # A draft reply that failed or timed out measures no drafting time, and would skew the fit for long.
         if requested and all_replied:
             self.jit_cost.observe(requested, time.perf_counter() - started)
 
@@ -673,8 +673,10 @@ class VerifyWorker:
             self.adaptive[active.cache_source].observe_rank(accepted, rank)
             if active.cache_source == "hit":
                 active.fanout.observe_rank(accepted, rank)
-            # A rank past the last bucket (16) stands for "not among the candidates".
-            metrics.CACHE_COMMITTED_RANK.labels(str(accepted), "miss" if value is None else "hit").observe(rank if rank is not None else 16)
+            result = "miss" if value is None else "hit"
+            # Rank 16 lies past the last bucket (15) and records "not among the candidates".
+            observed_rank = 16 if rank is None else rank
+            metrics.CACHE_COMMITTED_RANK.labels(str(accepted), result).observe(observed_rank)
 
         if value is None:
             metrics.CACHE_LOOKUPS.labels("miss").inc()
