@@ -56,11 +56,11 @@ class Settings(BaseSettings):
     fanout: Annotated[list[int], NoDecode] = Field(default_factory=list, description="fixed fan-out per acceptance length j=0..K (K+1 entries); empty means geometric allocation of fanout_budget")
     fanout_policy: Literal["adaptive", "geometric"] = Field(
         "adaptive",
-        description="adaptive: allocate fanout_budget from measured acceptance lengths and candidate ranks; geometric: the closed-form rule with a measured acceptance rate",
+        description="adaptive: allocate fanout_budget from measured acceptance lengths and candidate ranks; geometric: from the capped geometric model, with its acceptance rate and miss exponents fitted to the same measurements",
     )
     fanout_budget: int = Field(8, ge=1, le=256, description="MQ_LEN, total branches the draft decodes per step")
-    fanout_acceptance_rate: float = Field(0.7, gt=0.0, lt=1.0, description="prior per-token acceptance rate used by the geometric fan-out until measured")
-    fanout_miss_exponent: float = Field(1.0, gt=0.0, description="prior r in P(miss at fan-out F) ~ F^-r used until measured")
+    fanout_acceptance_rate: float = Field(0.7, gt=0.0, lt=1.0, description="prior per-token acceptance rate a of the fan-out allocation, used until measured acceptance takes over")
+    fanout_miss_exponent: float = Field(1.0, gt=0.0, description="prior r in P(miss at fan-out F) = (F + 1)^-r, weighted as 20 lookups, until measured ranks take over")
     backup: Literal["auto", "jit", "ngram", "none"] = Field(
         "auto",
         description="speculation after an SSD cache miss: jit (draft K tokens now), ngram (prompt lookup), none (verify the root alone); auto picks per step from measured times and yields",

@@ -25,14 +25,21 @@ def solo(tiny_pair):  # noqa: F811
     return [target_greedy(tiny_pair[0], [prompt], max_tokens)[0] for prompt, max_tokens in JOBS]
 
 
-# mode -> (SAGUARO_MODE, SAGUARO_STEP_KIND); ssd-jit runs SSD with every step drafted just in time.
-MODES = {"ar": ("ar", "auto"), "sd": ("sd", "auto"), "ssd": ("ssd", "auto"), "ssd-jit": ("ssd", "jit")}
+# Case -> (SAGUARO_MODE, other settings). ssd-jit runs SSD with every step drafted just in time;
+# ssd-geometric allocates the fan-out from the fitted capped geometric model.
+MODES = {
+    "ar": ("ar", {}),
+    "sd": ("sd", {}),
+    "ssd": ("ssd", {}),
+    "ssd-jit": ("ssd", {"step_kind": "jit"}),
+    "ssd-geometric": ("ssd", {"fanout_policy": "geometric"}),
+}
 
 
 @pytest.mark.parametrize("mode", list(MODES))
 def test_concurrent_requests_equal_solo(mode, tiny_pair, tmp_path_factory, solo):  # noqa: F811
-    decode_mode, step_kind = MODES[mode]
-    deployment = start_stack(tiny_pair, tmp_path_factory, decode_mode, max_num_seqs=4, step_kind=step_kind)
+    decode_mode, settings = MODES[mode]
+    deployment = start_stack(tiny_pair, tmp_path_factory, decode_mode, max_num_seqs=4, **settings)
     try:
         client, ns = redis_of(deployment)
         ids = [submit(client, ns, prompt, temperature=0.0, max_tokens=max_tokens, ignore_eos=True) for prompt, max_tokens in JOBS]

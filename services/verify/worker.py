@@ -41,7 +41,7 @@ from services.verify.scheduler import STEP_KINDS, ForwardCost, best_num_drafts, 
 from shared import keys, metrics
 from shared.config import Settings
 from shared.service import live_replicas
-from shared.fanout import AdaptiveFanout, geometric_fanout
+from shared.fanout import AdaptiveFanout, GeometricFanout, geometric_fanout
 from shared.protocol import (
     BuildCacheBatch,
     BuildCacheRequest,
@@ -95,7 +95,7 @@ class ActiveRequest:
     # Kind of the backup whose speculation the next step verifies, if any.
     pending_backup: str | None = None
     # This request's own fan-out statistics, for speculations that came from the cache.
-    fanout: AdaptiveFanout | None = None
+    fanout: AdaptiveFanout | GeometricFanout | None = None
     # Where the speculation behind the pending cache build came from: "hit" (the cache) or "miss" (a backup).
     cache_source: str = "hit"
     # Drafts accepted in the latest step.
@@ -142,9 +142,9 @@ class VerifyWorker:
         self.active: list[ActiveRequest] = []
         self.stopped = threading.Event()
         self.acceptance = AcceptanceEstimate(settings.fanout_acceptance_rate)
-        # Separate statistics after a hit and after a miss: a backup speculation is often
+        # Separate fan-out statistics after a hit and after a miss: a backup speculation is often
         # weaker, so the next step's acceptance lengths are shorter.
-        self.adaptive = {source: self.new_fanout_policy() for source in ("hit", "miss")}
+        self.fanout_policies = {source: self.new_fanout_policy() for source in ("hit", "miss")}
         self.forward_cost = ForwardCost()
         # Draft cache-build time of one step against the batch size. The prior makes a build for b requests
         # cost (1 + b) / 2 times one request's, as measured with the int8 Qwen2.5-Coder-0.5B draft on one
@@ -168,9 +168,10 @@ class VerifyWorker:
         self._reclaimed_at = 0.0
         self.ensure_group()
 
-    def new_fanout_policy(self) -> AdaptiveFanout:
+    def new_fanout_policy(self) -> AdaptiveFanout | GeometricFanout:
         s = self.settings
-        return AdaptiveFanout(self.k, s.fanout_budget, s.fanout_acceptance_rate, s.fanout_miss_exponent)
+        policy = AdaptiveFanout if s.fanout_policy == "adaptive" else GeometricFanout
+        return policy(self.k, s.fanout_budget, s.fanout_acceptance_rate, s.fanout_miss_exponent)
 
     # -- admission ---------------------------------------------------------------
 
@@ -530,7 +531,7 @@ class VerifyWorker:
             self.acceptance.observe(accepted, drafted)
             if drafted == self.k:
                 source = "miss" if active.pending_backup is not None else "hit"
-                self.adaptive[source].observe_outcome(accepted)
+                self.fanout_policies[source].observe_outcome(accepted)
                 if source == "hit":
                     active.fanout.observe_outcome(accepted)
 
@@ -542,15 +543,12 @@ class VerifyWorker:
             return geometric_fanout(num_drafts, self.settings.fanout_budget, self.acceptance.rate, self.settings.fanout_miss_exponent)
         if self.settings.fanout:
             return list(self.settings.fanout)
-        if self.settings.fanout_policy == "adaptive":
-            policy = self.adaptive[active.cache_source]
-            if active.cache_source == "hit" and active.stats.steps >= REQUEST_FANOUT_MIN_STEPS:
-                policy = active.fanout
-            lists = policy.allocation()
-        else:
-            lists = geometric_fanout(self.k, self.settings.fanout_budget, self.acceptance.rate, self.settings.fanout_miss_exponent)
+        policy = self.fanout_policies[active.cache_source]
+        if active.cache_source == "hit" and active.stats.steps >= REQUEST_FANOUT_MIN_STEPS:
+            policy = active.fanout
+        lists = policy.allocation()
         if lists != self._logged_fanout and time.monotonic() - self._fanout_logged_at > 30.0:
-            logger.info("fan-out per acceptance length now %s (%s policy, acceptance rate %.2f)", lists, self.settings.fanout_policy, self.acceptance.rate)
+            logger.info("fan-out per acceptance length now %s (%s policy; %s)", lists, self.settings.fanout_policy, policy.describe())
             self._logged_fanout = lists
             self._fanout_logged_at = time.monotonic()
         return lists
@@ -670,7 +668,7 @@ class VerifyWorker:
         if accepted < len(ready.candidates) and len(ready.candidates) == self.k + 1:
             ranked = ready.candidates[accepted]
             rank = ranked.index(active.seq.root) if active.seq.root in ranked else None
-            self.adaptive[active.cache_source].observe_rank(accepted, rank)
+            self.fanout_policies[active.cache_source].observe_rank(accepted, rank)
             if active.cache_source == "hit":
                 active.fanout.observe_rank(accepted, rank)
             result = "miss" if value is None else "hit"
