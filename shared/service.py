@@ -55,7 +55,9 @@ def default_replica_id(role: str) -> str:
 
 def connect_redis(url: str) -> redis.Redis:
     """Connect to Redis (redis://, rediss:// for TLS, passwords in the URL) and check that it responds."""
-    client = redis.Redis.from_url(url, socket_connect_timeout=5, health_check_interval=30)
+    # The socket timeout is explicit because redis-py's default changed (none up to 5.x, 5 s in 8.2).
+    # No call of the services blocks longer than a second, so 30 s only catches a dead server.
+    client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30, health_check_interval=30)
     try:
         client.ping()
     except redis.RedisError as exc:

@@ -541,6 +541,18 @@ def test_timeout_cancels_and_returns_504(gateway_factory, tiny_tokenizer, redis_
         assert json.loads(events[-2])["error"]["type"] == "timeout_error"
 
 
+def test_slow_engine_outlasts_redis_socket_timeout(gateway_factory, tiny_tokenizer, monkeypatch):
+    """A request whose first tokens take longer than the Redis socket timeout still gets them."""
+    from services.gateway import engine_client
+
+    monkeypatch.setattr(engine_client, "REDIS_SOCKET_TIMEOUT_S", 1.0)
+    settings, app = gateway_factory()
+    with TestClient(app) as client, FakeVerifyWorker(settings, tiny_tokenizer, step_delay_s=2.5, tokens_per_event=4):
+        response = client.post(COMPLETIONS, json=completion(max_tokens=4))
+        assert response.status_code == 200, response.text
+        assert response.json()["usage"]["completion_tokens"] == 4
+
+
 def test_engine_error_event_returns_500(gateway_factory, tiny_tokenizer):
     settings, app = gateway_factory()
     with TestClient(app) as client, FakeVerifyWorker(settings, tiny_tokenizer, behavior="error"):

@@ -20,6 +20,7 @@ for its size).
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -49,6 +50,12 @@ logger = logging.getLogger("saguaro.gateway")
 EngineEvent = TokenEvent | FinishEvent | ErrorEvent
 
 OVERLOADED_RETRY_AFTER_S = 1
+# Socket timeout of the gateway's Redis connections. Set here because the default differs between
+# redis-py releases (none up to 5.x, 5 s in 8.2).
+REDIS_SOCKET_TIMEOUT_S = 30.0
+# Longest single blocking read of a request's events. A read blocking longer than the socket
+# timeout would fail as a Redis error, so each read blocks for at most half of it.
+EVENTS_BLOCK_S = 2.0
 NOT_READY_RETRY_AFTER_S = keys.REPLICA_TTL_S
 
 
@@ -120,6 +127,20 @@ class ChoiceResult:
             self.stats = event.stats
 
 
+def events_block_s(redis: aioredis.Redis) -> float:
+    """Return how long one read of a request's events may block on ``redis``: EVENTS_BLOCK_S, or half its socket timeout if that is shorter."""
+    pool = redis.connection_pool
+    if "socket_timeout" in pool.connection_kwargs:
+        socket_timeout = pool.connection_kwargs["socket_timeout"]
+    else:
+        # from_url leaves the timeout to the connection class's default.
+        parameter = inspect.signature(pool.connection_class.__init__).parameters.get("socket_timeout")
+        socket_timeout = None if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default
+    if socket_timeout is None:
+        return EVENTS_BLOCK_S
+    return min(EVENTS_BLOCK_S, socket_timeout / 2)
+
+
 class EngineClient:
     """Submits ``GenerateRequest`` messages through Redis and streams their events back.
 
@@ -144,11 +165,13 @@ class EngineClient:
                 settings.redis_url,
                 decode_responses=False,
                 max_connections=2 * settings.max_queue_depth + 64,
+                socket_timeout=REDIS_SOCKET_TIMEOUT_S,
             )
             self._owns_redis = True
         else:
             self._owns_redis = False
         self.redis = redis
+        self.events_block_s = events_block_s(redis)
         self.readiness_cache_s = readiness_cache_s
         self._readiness: Readiness | None = None
         self._background: set[asyncio.Task] = set()
@@ -300,7 +323,8 @@ class EngineClient:
                     f"request {request_id} timed out: no result within {self.settings.request_timeout_s:g} s",
                 )
             try:
-                reply = await self.redis.xread({events_key: last_id}, block=max(1, int(remaining_s * 1000)))
+                block_s = min(remaining_s, self.events_block_s)
+                reply = await self.redis.xread({events_key: last_id}, block=max(1, int(block_s * 1000)))
             except RedisError as exc:
                 logger.error("reading events of request %s failed: %s", request_id, exc)
                 raise EngineFailed(f"reading the events of request {request_id} from Redis failed: {exc}") from exc
