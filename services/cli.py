@@ -47,6 +47,11 @@ def serve_main(argv: list[str]) -> int:
     stack = Stack(env=env, log_dir=Path(args.log_dir), gateway_port=args.port)
     stack.start()
     print(f"Saguaro is serving on {stack.base_url} (OpenAI API under /v1); logs in {args.log_dir}. Press Ctrl-C to stop.", flush=True)
+    from shared.config import Settings
+
+    grpc_port = Settings().grpc_port
+    if grpc_port:
+        print(f"  gRPC API on port {grpc_port}", flush=True)
     for name in stack.processes:
         print(f"  {name}: metrics at {stack.metrics_url(name)}", flush=True)
     stopping = False
@@ -106,7 +111,10 @@ def demo_main(argv: list[str]) -> int:
                     json={"model": model, "prompt": row["prompt"], "max_tokens": args.max_tokens, "temperature": 0},
                 )
                 elapsed = time.perf_counter() - started
-                response.raise_for_status()
+                if response.status_code != 200:
+                    print(f"error: the gateway returned {response.status_code} for {row['task_id']}: {response.text}", file=sys.stderr)
+                    print(f"see the service logs in {args.log_dir} for the cause", file=sys.stderr)
+                    return 1
                 body = response.json()
                 _print_demo_result(row["task_id"], row["prompt"], body, elapsed)
     return 0
@@ -142,12 +150,21 @@ def main(argv: list[str] | None = None) -> int:
         "generate": lambda rest: _client("generate_main", rest),
         "bench-client": lambda rest: _client("bench_client_main", rest),
     }
+    usage = (
+        "usage: saguaro {serve,demo,generate,bench-client} [options]\n"
+        "  serve         start Redis (if needed) and the three services\n"
+        "  demo          serve the models and answer HumanEval prompts with measured speed\n"
+        "  generate      stream a completion from a running gateway\n"
+        "  bench-client  drive a running gateway with concurrent requests\n"
+        "Run `saguaro COMMAND --help` for a command's options."
+    )
+    if argv and argv[0] in ("-h", "--help"):
+        print(usage)
+        return 0
     if not argv or argv[0] not in commands:
-        print("usage: saguaro {serve,demo,generate,bench-client} [options]\n"
-              "  serve         start Redis (if needed) and the three services\n"
-              "  demo          serve the models and answer HumanEval prompts with measured speed\n"
-              "  generate      stream a completion from a running gateway\n"
-              "  bench-client  drive a running gateway with concurrent requests", file=sys.stderr)
+        if argv:
+            print(f"saguaro: unknown command {argv[0]!r}", file=sys.stderr)
+        print(usage, file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)

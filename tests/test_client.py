@@ -158,3 +158,19 @@ def test_percentile_interpolates():
     assert percentile([1.0, 2.0, 3.0, 4.0], 50) == pytest.approx(2.5)
     assert percentile([5.0], 99) == 5.0
     assert percentile([1.0, 3.0], 100) == 3.0
+
+
+def test_cli_help_exits_zero(capsys):
+    from services.cli import main
+
+    assert main(["--help"]) == 0
+    output = capsys.readouterr()
+    assert "usage: saguaro" in output.out
+    assert output.err == ""
+
+
+def test_cli_unknown_command_exits_two(capsys):
+    from services.cli import main
+
+    assert main(["bogus"]) == 2
+    assert "unknown command 'bogus'" in capsys.readouterr().err

@@ -150,6 +150,15 @@ def test_malformed_body_is_400(served, redis_client, content, message_part):
     assert redis_client.xlen(keys.request_stream(settings.namespace)) == 0
 
 
+def test_body_without_json_content_type_is_400(served, redis_client):
+    client, _worker, settings = served
+    # What `curl -d` sends without -H 'Content-Type: application/json'.
+    response = client.post(COMPLETIONS, content=json.dumps(completion()).encode(), headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert response.status_code == 400, response.text
+    assert "Content-Type: application/json" in response.json()["error"]["message"]
+    assert redis_client.xlen(keys.request_stream(settings.namespace)) == 0
+
+
 def test_unknown_model_is_404(served, redis_client):
     client, _worker, settings = served
     response = client.post(COMPLETIONS, json=completion(model="gpt-4"))

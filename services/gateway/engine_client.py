@@ -53,7 +53,7 @@ OVERLOADED_RETRY_AFTER_S = 1
 # Socket timeout of the gateway's Redis connections. Set here because the default differs between
 # redis-py releases (none up to 5.x, 5 s in 8.2).
 REDIS_SOCKET_TIMEOUT_S = 30.0
-# Longest single blocking read of a request's events. A read blocking longer than the socket
+# Maximum time one blocking read of a request's events waits. A read blocking longer than the socket
 # timeout would fail as a Redis error, so each read blocks for at most half of it.
 EVENTS_BLOCK_S = 2.0
 NOT_READY_RETRY_AFTER_S = keys.REPLICA_TTL_S
@@ -320,7 +320,8 @@ class EngineClient:
             remaining_s = deadline - time.monotonic()
             if remaining_s <= 0:
                 raise RequestTimeout(
-                    f"request {request_id} timed out: no result within {self.settings.request_timeout_s:g} s",
+                    f"request {request_id} timed out: it did not finish within {self.settings.request_timeout_s:g} s "
+                    "(SAGUARO_REQUEST_TIMEOUT_S); lower max_tokens, or stream the response to receive tokens as they come",
                 )
             try:
                 block_s = min(remaining_s, self.events_block_s)

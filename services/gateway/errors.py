@@ -112,6 +112,9 @@ def validation_message(error: dict) -> str:
     if param is None:
         if error.get("type") == "missing":
             return "the request body is missing; send a JSON object"
+        if isinstance(error.get("input"), (bytes, str)):
+            # FastAPI parses the body as JSON only under a JSON content type; otherwise it passes the raw bytes on.
+            return "the request body was not read as JSON because its Content-Type is not application/json; send a JSON object with the header Content-Type: application/json"
         return f"invalid request body: {message}; send a JSON object"
     if error.get("type") == "missing":
         return f"{param} is required"

@@ -292,7 +292,8 @@ class GenerationService:
             prepared.request_id,
             outcome,
             len(prepared.prompt_token_ids),
-            sum(choice.completion_tokens for choice in choices),
+            # A cancelled or failed choice has no usage yet; count the tokens it streamed.
+            sum(max(choice.completion_tokens, len(choice.token_ids)) for choice in choices),
             ttft,
             time.monotonic() - submitted_at,
         )
