@@ -21,8 +21,8 @@ class Completion:
     error: ErrorEvent | None = None
 
 
-def submit(client: redis.Redis, namespace: str, prompt_ids: list[int], **sampling) -> str:
-    request_id = f"test-{uuid.uuid4().hex[:12]}"
+def submit(client: redis.Redis, namespace: str, prompt_ids: list[int], request_id: str | None = None, **sampling) -> str:
+    request_id = request_id or f"test-{uuid.uuid4().hex[:12]}"
     request = GenerateRequest(request_id=request_id, prompt_token_ids=prompt_ids, sampling=SamplingParams(**sampling), arrival_time=time.time())
     client.sadd(keys.inflight(namespace), request_id)
     client.xadd(keys.request_stream(namespace), {"msg": encode(request)})

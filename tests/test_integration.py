@@ -226,6 +226,20 @@ def test_cancel_frees_the_request(ssd_stack):
     assert client.hget(keys.state(ns, request_id), "status") == b"finished"
 
 
+def test_cancel_during_prefill_stops_it(ssd_stack):
+    client, ns = redis_of(ssd_stack)
+    request_id = f"test-prefill-{uuid.uuid4().hex[:8]}"
+    # Cancelled before the verifier reads it: the prompt's first 512-token chunk runs, the second does not.
+    client.set(keys.cancel(ns, request_id), "1", ex=60)
+    submit(client, ns, (PROMPTS[0] * 200)[:900], request_id=request_id, temperature=0.0, max_tokens=50)
+    result = collect(client, ns, request_id, timeout_s=30)
+    assert result.finish.finish_reason == "abort"
+    assert result.token_ids == []
+    assert not client.sismember(keys.inflight(ns), request_id)
+    verify_log = (ssd_stack.log_dir / "verify.log").read_text(errors="replace")
+    assert f"request {request_id} cancelled by the client during prefill" in verify_log
+
+
 def test_draft_restart_keeps_output_exact(tiny_pair, tmp_path_factory, reference):
     """Kill the draft mid-request and start a new one: the verifier re-prefills it and output stays exact."""
     import signal

@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy import stats
 
-from services.verify.engine import TargetEngine
+from services.verify.engine import PrefillCancelled, TargetEngine
 from shared.protocol import SamplingParams
 from tests.tiny_models import tiny_qwen2
 
@@ -37,6 +37,29 @@ def test_verify_greedy_matches_reference_with_any_drafts():
         step += 1
     assert out[:24] == reference
     assert len(seq.ids) == len(PROMPT) + len(out) - 1
+
+
+def test_prefill_stops_between_chunks_when_cancelled():
+    engine = TargetEngine(tiny_qwen2(seed=11), torch.device("cpu"), prefill_chunk=4)
+    prompt = list(range(1, 14))
+    asked = []
+
+    def cancelled() -> bool:
+        asked.append(True)
+        return len(asked) >= 2
+
+    with pytest.raises(PrefillCancelled) as raised:
+        engine.prefill("c", prompt, cancelled=cancelled)
+    # Chunks of 4 over 12 prompt tokens: asked before the second and the third chunk.
+    assert len(asked) == 2
+    assert raised.value.seq.cache.get_seq_length() == 8
+
+
+def test_prefill_runs_every_chunk_unless_cancelled():
+    engine = TargetEngine(tiny_qwen2(seed=11), torch.device("cpu"), prefill_chunk=4)
+    seq = engine.prefill("c", list(range(1, 14)), cancelled=lambda: False)
+    assert seq.cache.get_seq_length() == 12
+    assert seq.root == 13
 
 
 def test_verify_keeps_kv_of_accepted_prefix_only():

@@ -8,6 +8,7 @@ After j drafts are accepted the KV of ``r, s1..sj`` is kept and the rest dropped
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -38,6 +39,14 @@ class TargetSequence:
     def length(self) -> int:
         """Committed tokens including the root."""
         return len(self.ids) + 1
+
+
+class PrefillCancelled(Exception):
+    """Raised when a request is cancelled between two prefill chunks. ``seq`` contains the KV computed so far."""
+
+    def __init__(self, seq: TargetSequence):
+        super().__init__(f"prefill of request {seq.request_id} cancelled")
+        self.seq = seq
 
 
 class TargetEngine:
@@ -73,11 +82,17 @@ class TargetEngine:
             batch.append_to(i, seq.cache)
         return logits
 
-    def prefill(self, request_id: str, prompt_ids: list[int]) -> TargetSequence:
-        """Compute the KV of every prompt token but the last, which becomes the root."""
+    def prefill(self, request_id: str, prompt_ids: list[int], cancelled: Callable[[], bool] | None = None) -> TargetSequence:
+        """Compute the KV of every prompt token but the last, which becomes the root.
+
+        Before each chunk after the first, the ``cancelled`` callback is called,
+        and PrefillCancelled is raised if it returns True.
+        """
         seq = TargetSequence(request_id=request_id, cache=DynamicCache(config=self.model.config))
         body = prompt_ids[:-1]
         for start in range(0, len(body), self.prefill_chunk):
+            if start > 0 and cancelled is not None and cancelled():
+                raise PrefillCancelled(seq)
             chunk = body[start : start + self.prefill_chunk]
             # Only the KV matters here; keep just the last position's logits.
             with torch.inference_mode():

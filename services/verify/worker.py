@@ -35,7 +35,7 @@ import redis
 
 from services.verify.backup import BackupChooser, Ema, jit_cost_prior, ngram_propose
 from services.verify.draft_client import DraftClient
-from services.verify.engine import TargetEngine, TargetSequence
+from services.verify.engine import PrefillCancelled, TargetEngine, TargetSequence
 from services.verify.output import OutputState
 from services.verify.scheduler import STEP_KINDS, ForwardCost, best_num_drafts, choose_step_kind, step_rates
 from shared import keys, metrics
@@ -261,14 +261,20 @@ class VerifyWorker:
         pipe.hset(state_key, mapping={"status": "running", "verify": self.replica_id, "draft": draft_address or ""})
         pipe.expire(state_key, keys.EVENTS_TTL_S)
         pipe.execute()
+        cancelled = False
         try:
-            seq = self.engine.prefill(rid, context)
+            # Prefilling a long prompt on a CPU takes seconds, so a cancellation is checked between chunks.
+            seq = self.engine.prefill(rid, context, cancelled=lambda: bool(self.redis.exists(keys.cancel(self.ns, rid))))
+        except PrefillCancelled as exc:
+            seq = exc.seq
+            cancelled = True
         except Exception as exc:
             logger.exception("request %s: prefill failed", rid, extra={"request_id": rid})
             self.fail(rid, message_id, f"prefill failed: {exc}", "internal_error")
             self.release_draft(rid, draft_address)
             return
-        metrics.PROMPT_TOKENS.inc(prompt_len)
+        if not cancelled:
+            metrics.PROMPT_TOKENS.inc(prompt_len)
 
         output = OutputState(self.tokenizer, request.sampling, self.eos_ids, prompt_len, self.settings.max_model_len)
         if generated:
@@ -289,6 +295,10 @@ class VerifyWorker:
         )
         if generated:
             active.first_token_at = admitted_at
+        if cancelled:
+            logger.info("request %s cancelled by the client during prefill", rid, extra={"request_id": rid})
+            self.finish(active, "abort", None)
+            return
         if draft_address is not None:
             active.drafts = self.await_draft(active, 0)
         self.active.append(active)
