@@ -264,6 +264,8 @@ class VerifyWorker:
         cancelled = False
         try:
             # Prefilling a long prompt on a CPU takes seconds, so a cancellation is checked between chunks.
+        # NOTE: the running requests take no step until this prefill ends, because prefill chunks are
+        # not scheduled between decode steps.
             seq = self.engine.prefill(rid, context, cancelled=lambda: bool(self.redis.exists(keys.cancel(self.ns, rid))))
         except PrefillCancelled as exc:
             seq = exc.seq
