@@ -38,6 +38,7 @@ def _ensure_default_models(env: dict[str, str]) -> None:
 
 def serve_main(argv: list[str]) -> int:
     from services.launcher import Stack
+    from shared.config import Settings
 
     parser = argparse.ArgumentParser(prog="saguaro serve", description="Start Redis (if needed) and the draft, verify and gateway services; stop them on Ctrl-C.")
     _add_stack_flags(parser)
@@ -47,8 +48,6 @@ def serve_main(argv: list[str]) -> int:
     stack = Stack(env=env, log_dir=Path(args.log_dir), gateway_port=args.port)
     stack.start()
     print(f"Saguaro is serving on {stack.base_url} (OpenAI API under /v1); logs in {args.log_dir}. Press Ctrl-C to stop.", flush=True)
-    from shared.config import Settings
-
     grpc_port = Settings().grpc_port
     if grpc_port:
         print(f"  gRPC API on port {grpc_port}", flush=True)

@@ -9,7 +9,7 @@ computes that allocation and rounds it to integers that sum to B.
 
 Two policies measure their inputs online: ``GeometricFanout`` fits a and r
 (one r after a rejection, one after full acceptance) and allocates under that
-model; ``AdaptiveFanout`` allocates from the measured frequencies themselves.
+model. ``AdaptiveFanout`` allocates from the measured frequencies themselves.
 """
 
 from __future__ import annotations
@@ -69,6 +69,30 @@ def power_law_rank_probs(max_rank: int, miss_exponent: float) -> list[float]:
     return probs
 
 
+class AcceptanceEstimate:
+    """Decaying estimate of the per-token acceptance rate a under the capped geometric model."""
+
+    def __init__(self, prior: float, decay: float = 0.98, prior_weight: float = 5.0):
+        self.decay = decay
+        self.accepted = prior * prior_weight
+        self.rejected = (1.0 - prior) * prior_weight
+
+    def observe(self, accepted: int, drafted: int) -> None:
+        self.accepted = self.accepted * self.decay + accepted
+        self.rejected = self.rejected * self.decay + (1 if accepted < drafted else 0)
+
+    @property
+    def rate(self) -> float:
+        return min(0.95, max(0.05, self.accepted / (self.accepted + self.rejected)))
+
+
+def add_decayed(row: list[float], index: int, decay: float) -> None:
+    """Multiply every count in ``row`` by ``decay``, then add one observation at ``index``."""
+    for i in range(len(row)):
+        row[i] *= decay
+    row[index] += 1.0
+
+
 def allocate_by_gain(gains: list[list[float]], budget: int) -> list[int]:
     """Spend ``budget`` candidates one at a time on the largest marginal gain.
 
@@ -99,7 +123,7 @@ def fit_miss_exponent(counts: list[float], lower: float = 0.05, upper: float = 2
     candidates; the last entry counts the times it was not among them.
     """
     low, high = math.log(lower), math.log(upper)
-    # A coarse grid first, so a flat or multi-modal likelihood cannot trap the refinement.
+    # A coarse grid picks the start, so the refinement is less likely to stop at a local maximum.
     grid = [low + (high - low) * i / 32 for i in range(33)]
     best = max(grid, key=lambda x: rank_log_likelihood(counts, math.exp(x)))
     step = (high - low) / 32
@@ -149,8 +173,7 @@ class GeometricFanout:
         self.budget = budget
         self.max_rank = max_rank
         self.decay = decay
-        self.accepted = acceptance_rate * prior_weight
-        self.rejected = (1.0 - acceptance_rate) * prior_weight
+        self.acceptance = AcceptanceEstimate(acceptance_rate, decay, prior_weight)
         rank_prior = power_law_rank_probs(max_rank, miss_exponent)
         # Rank counts after a rejection, then after full acceptance.
         self.ranks = [[p * prior_weight for p in rank_prior] for _ in range(2)]
@@ -158,20 +181,17 @@ class GeometricFanout:
         self._unfitted = 0
 
     def observe_outcome(self, accepted: int) -> None:
-        self.accepted = self.accepted * self.decay + accepted
-        self.rejected = self.rejected * self.decay + (1.0 if accepted < self.k else 0.0)
+        self.acceptance.observe(accepted, self.k)
 
     def observe_rank(self, accepted: int, rank: int | None) -> None:
         """Record the committed token's rank among the candidates for ``accepted`` (None: not among them)."""
         row = self.ranks[1 if accepted == self.k else 0]
-        for f in range(len(row)):
-            row[f] *= self.decay
-        row[self.max_rank if rank is None else min(rank, self.max_rank)] += 1.0
+        add_decayed(row, self.max_rank if rank is None else min(rank, self.max_rank), self.decay)
         self._unfitted += 1
 
     @property
     def acceptance_rate(self) -> float:
-        return min(0.95, max(0.05, self.accepted / (self.accepted + self.rejected)))
+        return self.acceptance.rate
 
     @property
     def miss_exponents(self) -> tuple[float, float]:
@@ -219,10 +239,7 @@ class AdaptiveFanout:
 
     def observe_rank(self, accepted: int, rank: int | None) -> None:
         """Record the committed token's rank among the candidates for ``accepted`` (None: not among them)."""
-        row = self.ranks[accepted]
-        for f in range(len(row)):
-            row[f] *= self.decay
-        row[self.max_rank if rank is None else min(rank, self.max_rank)] += 1.0
+        add_decayed(self.ranks[accepted], self.max_rank if rank is None else min(rank, self.max_rank), self.decay)
 
     def allocation(self) -> list[int]:
         total_outcomes = sum(self.outcomes)

@@ -124,7 +124,7 @@ def test_allocate_by_gain_by_hand():
     assert allocate_by_gain(gains, 3) == [1, 2]
     assert allocate_by_gain(gains, 4) == [2, 2]
     assert allocate_by_gain(gains, 5) == [2, 3]
-    # Each length holds at most as many candidates as it has gains.
+    # No length gets more candidates than it has gains.
     assert allocate_by_gain(gains, 9) == [3, 3]
 
 
@@ -168,7 +168,7 @@ def test_geometric_policy_measures_acceptance_rate():
 def test_geometric_policy_fits_exponents_per_outcome_class():
     policy = GeometricFanout(k=4, budget=16, acceptance_rate=0.7, miss_exponent=1.0)
     for i in range(800):
-        # After full acceptance the bonus token is the draft's first choice; after a rejection
+        # After full acceptance the bonus token is the draft's first choice. After a rejection
         # the recovery token is spread over the draft's first eight candidates.
         policy.observe_rank(4, 0)
         policy.observe_rank(0, i % 8)
@@ -176,12 +176,12 @@ def test_geometric_policy_fits_exponents_per_outcome_class():
     assert bonus > 5.0
     assert rejection < 1.0
     allocation = policy.allocation()
-    # A steep bonus law leaves one candidate at j = K; the rest goes to rejections.
+    # A steep bonus law leaves one candidate at j = K, and the rest goes to rejections.
     assert allocation[4] == 1
     assert sum(allocation) == 16
 
 
-def test_geometric_policy_ranks_outside_the_list_flatten_the_fit():
+def test_geometric_policy_uncached_ranks_flatten_fit():
     policy = GeometricFanout(k=2, budget=6, acceptance_rate=0.5, miss_exponent=1.0)
     for _ in range(500):
         policy.observe_rank(0, None)

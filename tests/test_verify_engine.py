@@ -42,16 +42,16 @@ def test_verify_greedy_matches_reference_with_any_drafts():
 def test_prefill_stops_between_chunks_when_cancelled():
     engine = TargetEngine(tiny_qwen2(seed=11), torch.device("cpu"), prefill_chunk=4)
     prompt = list(range(1, 14))
-    asked = []
+    calls = []
 
     def cancelled() -> bool:
-        asked.append(True)
-        return len(asked) >= 2
+        calls.append(True)
+        return len(calls) >= 2
 
     with pytest.raises(PrefillCancelled) as raised:
         engine.prefill("c", prompt, cancelled=cancelled)
-    # Chunks of 4 over 12 prompt tokens: asked before the second and the third chunk.
-    assert len(asked) == 2
+    # Chunks of 4 over 12 prompt tokens: called before the second and the third chunk.
+    assert len(calls) == 2
     assert raised.value.seq.cache.get_seq_length() == 8
 
 

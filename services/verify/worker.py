@@ -41,7 +41,7 @@ from services.verify.scheduler import STEP_KINDS, ForwardCost, best_num_drafts, 
 from shared import keys, metrics
 from shared.config import Settings
 from shared.service import live_replicas
-from shared.fanout import AdaptiveFanout, GeometricFanout, geometric_fanout
+from shared.fanout import AcceptanceEstimate, AdaptiveFanout, GeometricFanout, geometric_fanout
 from shared.protocol import (
     BuildCacheBatch,
     BuildCacheRequest,
@@ -109,23 +109,6 @@ class ActiveRequest:
 
     def committed(self) -> list[int]:
         return self.seq.ids + [self.seq.root]
-
-
-class AcceptanceEstimate:
-    """Decaying estimate of the per-token acceptance rate a under the capped geometric model."""
-
-    def __init__(self, prior: float, decay: float = 0.98, prior_weight: float = 5.0):
-        self.decay = decay
-        self.accepted = prior * prior_weight
-        self.rejected = (1.0 - prior) * prior_weight
-
-    def observe(self, accepted: int, drafted: int) -> None:
-        self.accepted = self.accepted * self.decay + accepted
-        self.rejected = self.rejected * self.decay + (1 if accepted < drafted else 0)
-
-    @property
-    def rate(self) -> float:
-        return min(0.95, max(0.05, self.accepted / (self.accepted + self.rejected)))
 
 
 class VerifyWorker:
@@ -261,11 +244,11 @@ class VerifyWorker:
         pipe.hset(state_key, mapping={"status": "running", "verify": self.replica_id, "draft": draft_address or ""})
         pipe.expire(state_key, keys.EVENTS_TTL_S)
         pipe.execute()
-        cancelled = False
-        try:
-            # Prefilling a long prompt on a CPU takes seconds, so a cancellation is checked between chunks.
+        # Prefilling a long prompt on a CPU takes seconds, so a cancellation is checked between chunks.
         # NOTE: the running requests take no step until this prefill ends, because prefill chunks are
         # not scheduled between decode steps.
+        cancelled = False
+        try:
             seq = self.engine.prefill(rid, context, cancelled=lambda: bool(self.redis.exists(keys.cancel(self.ns, rid))))
         except PrefillCancelled as exc:
             seq = exc.seq
