@@ -48,6 +48,12 @@ class Settings(BaseSettings):
         description="score only the first N token ids plus special tokens and every token requests use in the draft's output layer "
         "(faster draft forwards; output stays exact); 0 scores the whole vocabulary",
     )
+    batch_invariant: bool = Field(
+        True,
+        description="run the target's decode forwards with row-by-row attention and at least two query rows, so a position's logits, "
+        "and greedy output, are the same bits in AR, SD and SSD steps and at any batch size, in bf16 too (checked on CPU); "
+        "false uses SDPA for every forward",
+    )
     max_model_len: int = Field(4096, ge=16, description="maximum prompt plus completion length in tokens")
 
     # Decoding.

@@ -8,8 +8,9 @@ a CPU is bound by reading the weights, so one forward over 8 sequences x 5
 tokens costs far less than 8 forwards of 5 tokens.
 
 NOTE: only run on CPU so far. In bf16 the packed logits differ from separate
-forwards by rounding (other matmul shapes), about as much as 5 tokens in one
-forward differ from 5 one-token forwards, which can flip near-tied argmaxes.
+forwards by rounding (other matmul shapes, other attention blocks), which can
+flip near-tied argmaxes, unless ``forward`` runs with ``batch_invariant`` on a
+model that uses ``shared.row_attention``.
 
 Relies on transformers 5 internals: ``DynamicLayer.keys``/``.values`` of shape
 [batch, kv_heads, seq, head_dim], ``DynamicLayer.lazy_initialization``, a 4D
@@ -19,11 +20,14 @@ tensor ``logits_to_keep`` selecting query rows before the LM head.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
+
+from shared import row_attention
 
 
 def _check_layers(cache: DynamicCache, what: str) -> None:
@@ -113,6 +117,7 @@ class PackedBatch:
         positions: list[list[int]],
         allowed: list[torch.Tensor | None] | None = None,
         logits_to_keep: int | list[int] | None = None,
+        batch_invariant: bool = False,
     ) -> list[torch.Tensor]:
         """Run one model forward over every sequence's new tokens; return each sequence's logits.
 
@@ -125,6 +130,12 @@ class PackedBatch:
         before this call, then the n_i new ones). ``logits_to_keep`` limits the
         returned rows to the last k of each sequence (an int for all, or one per
         sequence); None returns [n_i, V] for every sequence.
+
+        ``batch_invariant`` runs attention row by row (``shared.row_attention``,
+        which the model must have installed), so each sequence's logits equal those
+        of its own forward. It supports the default causal rule only. The caller must
+        keep at least two rows in the forward and, with ``logits_to_keep``, before the
+        output layer, because a one-row matmul rounds differently.
         """
         count = len(self)
         if len(tokens) != count or len(positions) != count:
@@ -136,6 +147,8 @@ class PackedBatch:
             if len(seq_positions) != len(seq_tokens):
                 raise ValueError(f"sequence {i} has {len(seq_tokens)} tokens but {len(seq_positions)} positions")
         kept_counts = self._kept_counts(new_counts, logits_to_keep)
+        if batch_invariant and allowed is not None and any(a is not None for a in allowed):
+            raise ValueError("batch_invariant supports only the default causal rule; pass allowed=None")
 
         total_new = sum(new_counts)
         if total_new == 0:
@@ -147,16 +160,33 @@ class PackedBatch:
         position_ids = torch.tensor([[p for seq_positions in positions for p in seq_positions]], dtype=torch.long, device=self.device)
         rows = 0 if logits_to_keep is None else self._kept_rows(new_counts, kept_counts)
 
-        out = self.model(
-            input_ids=input_ids,
-            position_ids=position_ids,
-            attention_mask=mask,
-            cache=self.cache,
-            use_cache=True,
-            logits_to_keep=rows,
-        )
+        plan = contextlib.nullcontext()
+        if batch_invariant:
+            plan = row_attention.attention_plan(self._segments(new_owner, new_counts))
+        with plan:
+            out = self.model(
+                input_ids=input_ids,
+                position_ids=position_ids,
+                attention_mask=mask,
+                cache=self.cache,
+                use_cache=True,
+                logits_to_keep=rows,
+            )
         self._owner = torch.cat([self._owner, new_owner])
         return list(out.logits[0].split(kept_counts))
+
+    def _segments(self, new_owner: torch.Tensor, new_counts: list[int]) -> list[row_attention.Segment]:
+        """Return each sequence's query rows and key columns for row attention over this forward."""
+        kv_owner = torch.cat([self._owner, new_owner])
+        segments = []
+        row_start = 0
+        for i, count in enumerate(new_counts):
+            if count:
+                columns = torch.nonzero(kv_owner == i).squeeze(1)
+                prefix = int(columns.numel()) - count
+                segments.append(row_attention.Segment(row_start, row_start + count, prefix=prefix, columns=columns))
+            row_start += count
+        return segments
 
     def _kept_counts(self, new_counts: list[int], logits_to_keep: int | list[int] | None) -> list[int]:
         if logits_to_keep is None:

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import httpx
 import pytest
+import torch
 
 from bench.direct_client import collect, generate, submit
 from tests.test_integration import PROMPTS, redis_of, start_stack, tiny_pair  # noqa: F401 (fixture)
 from tests.test_metrics import Scrape
-from tests.tiny_models import target_greedy
+from tests.tiny_models import target_greedy, target_greedy_one_token
 
 pytestmark = pytest.mark.integration
 
@@ -25,20 +26,30 @@ def solo(tiny_pair):  # noqa: F811
     return [target_greedy(tiny_pair[0], [prompt], max_tokens)[0] for prompt, max_tokens in JOBS]
 
 
+@pytest.fixture(scope="module")
+def solo_bf16(tiny_pair):  # noqa: F811
+    return [target_greedy_one_token(tiny_pair[0], [prompt], max_tokens, torch.bfloat16)[0] for prompt, max_tokens in JOBS]
+
+
 # Case -> (SAGUARO_MODE, other settings). ssd-jit runs SSD with every step drafted just in time;
-# ssd-geometric allocates the fan-out from the fitted capped geometric model.
+# ssd-geometric allocates the fan-out from the fitted capped geometric model; ssd-bf16 runs the
+# models in bf16 and compares with the target's bf16 one-token-per-forward output. The tiny models'
+# bf16 argmaxes are far from ties, so this case checks the plumbing. tests/test_row_attention.py
+# compares logits bit for bit, and the bf16 Qwen test in tests/test_real_models.py compares outputs.
 MODES = {
     "ar": ("ar", {}),
     "sd": ("sd", {}),
     "ssd": ("ssd", {}),
     "ssd-jit": ("ssd", {"step_kind": "jit"}),
     "ssd-geometric": ("ssd", {"fanout_policy": "geometric"}),
+    "ssd-bf16": ("ssd", {"dtype": "bfloat16"}),
 }
 
 
 @pytest.mark.parametrize("mode", list(MODES))
-def test_concurrent_requests_equal_solo(mode, tiny_pair, tmp_path_factory, solo):  # noqa: F811
+def test_concurrent_requests_equal_solo(mode, tiny_pair, tmp_path_factory, request):  # noqa: F811
     decode_mode, settings = MODES[mode]
+    solo = request.getfixturevalue("solo_bf16" if settings.get("dtype") == "bfloat16" else "solo")
     deployment = start_stack(tiny_pair, tmp_path_factory, decode_mode, max_num_seqs=4, **settings)
     try:
         client, ns = redis_of(deployment)

@@ -1,4 +1,4 @@
-"""The default Qwen pair, served for real: SSD output equals the target's own greedy output (fp32).
+"""The default Qwen pair, served for real: SSD output equals the target's own greedy output (fp32 and bf16).
 
 Needs the models built by ``make models``; skipped with that instruction when they are missing.
 SAGUARO_REAL_PROMPTS and SAGUARO_REAL_TOKENS enlarge the check (defaults 2 and 32).
@@ -16,7 +16,7 @@ import pytest
 import redis
 import torch
 
-from bench.direct_client import generate
+from bench.direct_client import collect, generate, submit
 from services.launcher import Stack
 from shared.config import Settings
 
@@ -58,3 +58,43 @@ def test_qwen_ssd_equals_target_greedy(tmp_path):
             assert result.token_ids == reference
             hits += result.finish.stats.cache_hits
         assert hits > 0
+
+
+def test_qwen_bf16_batched_ssd_equals_one_token_decoding(tmp_path):
+    """In bf16, SSD with two requests batched gives the target's own one-token-per-step greedy output."""
+    settings = Settings()
+    for path in (settings.target_model, settings.draft_model):
+        if not (Path(path) / "config.json").is_file():
+            pytest.skip(f"model {path} is not built; run `make models`")
+    from transformers import AutoTokenizer
+
+    from services.verify.engine import TargetEngine
+    from shared.modeling import load_causal_lm
+
+    tokenizer = AutoTokenizer.from_pretrained(settings.target_model)
+    rows = [json.loads(line) for line in (ROOT / "bench" / "data" / "humaneval.jsonl").read_text().splitlines()][:NUM_PROMPTS]
+    prompts = [tokenizer(row["prompt"])["input_ids"] for row in rows]
+
+    engine = TargetEngine(load_causal_lm(settings.target_model, "bfloat16", torch.device("cpu")), torch.device("cpu"))
+    expected = []
+    for index, ids in enumerate(prompts):
+        seq = engine.prefill(f"reference{index}", ids)
+        tokens = []
+        for _ in range(NUM_TOKENS):
+            logits = engine.forward_batch([seq], [[seq.root]])[0]
+            seq.ids.append(seq.root)
+            seq.root = int(logits[0].argmax())
+            tokens.append(seq.root)
+        expected.append(tokens)
+    del engine, seq
+    gc.collect()
+
+    namespace = f"real-bf16-{uuid.uuid4().hex[:8]}"
+    env = {"SAGUARO_NAMESPACE": namespace, "SAGUARO_MODE": "ssd", "SAGUARO_DTYPE": "bfloat16", "SAGUARO_MAX_NUM_SEQS": str(NUM_PROMPTS)}
+    with Stack(env=env, services=("draft", "verify"), log_dir=tmp_path / "logs", start_timeout_s=600) as stack:
+        client = redis.Redis.from_url(stack.redis_url)
+        request_ids = [submit(client, namespace, ids, temperature=0.0, max_tokens=NUM_TOKENS, ignore_eos=True) for ids in prompts]
+        results = [collect(client, namespace, request_id, timeout_s=1800) for request_id in request_ids]
+    for index, (result, reference) in enumerate(zip(results, expected)):
+        assert result.finish is not None, result.error
+        assert result.token_ids == reference, f"prompt {index}"

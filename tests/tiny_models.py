@@ -90,6 +90,31 @@ def target_greedy(model_dir: Path, prompts: list[list[int]], max_tokens: int) ->
     return outputs
 
 
+def target_greedy_one_token(model_dir: Path, prompts: list[list[int]], max_tokens: int, dtype: torch.dtype) -> list[list[int]]:
+    """Return the greedy continuations the verify engine gives with one token per forward, in ``dtype``.
+
+    In bf16 this is the reference for the services' greedy output, because a
+    no-cache forward over the whole sequence rounds differently.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from services.verify.engine import TargetEngine
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_kernels=False)
+    engine = TargetEngine(model.eval(), torch.device("cpu"))
+    outputs = []
+    for index, prompt in enumerate(prompts):
+        seq = engine.prefill(f"reference{index}", list(prompt))
+        tokens = []
+        for _ in range(max_tokens):
+            logits = engine.forward_batch([seq], [[seq.root]])[0]
+            seq.ids.append(seq.root)
+            seq.root = int(logits[0].argmax())
+            tokens.append(seq.root)
+        outputs.append(tokens)
+    return outputs
+
+
 def tiny_stack_env(target_dir: Path, draft_dir: Path, namespace: str, mode: str = "ssd", **settings) -> dict[str, str]:
     """Return the SAGUARO_* environment that serves the tiny pair in fp32; ``settings`` adds fields, e.g. ``max_num_seqs=1``."""
     return {

@@ -4,6 +4,10 @@ The target KV contains every committed token except the last one, r. A step runs
 one forward over ``[r, s1..sK]`` and yields the committed tokens x_0..x_K for
 the K + 1 positions after r (see ``shared.sampling`` for how they are drawn).
 After j drafts are accepted the KV of ``r, s1..sj`` is kept and the rest dropped.
+
+With ``batch_invariant`` (the default) every decode forward runs under row
+attention (``shared.row_attention``) with at least two query rows, so a position
+gets the same logits in an AR step, a verification and a packed batch, in bf16 too.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import torch
 from transformers import DynamicCache
 
 from shared.modeling import crop_cache
+from shared import row_attention
 from shared.packing import PackedBatch
 from shared.protocol import Proposal, SamplingParams
 from shared.sampling import accept_prefix, logprobs_of, sample_positions, verify_with_proposals
@@ -50,17 +55,38 @@ class PrefillCancelled(Exception):
 
 
 class TargetEngine:
-    def __init__(self, model, device: torch.device, prefill_chunk: int = 512):
+    def __init__(self, model, device: torch.device, prefill_chunk: int = 512, batch_invariant: bool = True):
         self.model = model
         self.device = device
         self.prefill_chunk = prefill_chunk
+        self.batch_invariant = batch_invariant
+        if batch_invariant:
+            row_attention.install(model)
 
     @torch.inference_mode()
-    def _forward(self, seq: TargetSequence, tokens: list[int], start: int) -> torch.Tensor:
+    def _forward(self, seq: TargetSequence, tokens: list[int], start: int, logits: bool = True) -> torch.Tensor | None:
+        """Run ``tokens`` at positions ``start``.. after the sequence's cache; return their logits [len, V].
+
+        With ``logits=False`` only the KV is computed and None is returned.
+        """
+        count = len(tokens)
+        if not self.batch_invariant:
+            input_ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
+            position_ids = torch.arange(start, start + count, device=self.device)[None]
+            out = self.model(input_ids=input_ids, position_ids=position_ids, cache=seq.cache, use_cache=True)
+            return out.logits[0] if logits else None
+
+        positions = list(range(start, start + count))
+        if count == 1:
+            # A one-row matmul takes another kernel path and rounds differently, so a copy of
+            # the token runs as a second row. Its logits and KV are dropped below.
+            tokens, positions = tokens * 2, positions * 2
         input_ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
-        position_ids = torch.arange(start, start + len(tokens), device=self.device)[None]
-        out = self.model(input_ids=input_ids, position_ids=position_ids, cache=seq.cache, use_cache=True)
-        return out.logits[0]
+        position_ids = torch.tensor([positions], dtype=torch.long, device=self.device)
+        with row_attention.attention_plan([row_attention.Segment(0, len(tokens), prefix=start)]):
+            out = self.model(input_ids=input_ids, position_ids=position_ids, cache=seq.cache, use_cache=True, logits_to_keep=0 if logits else 1)
+        crop_cache(seq.cache, start + count)
+        return out.logits[0, :count] if logits else None
 
     def forward_batch(self, seqs: list[TargetSequence], token_lists: list[list[int]]) -> list[torch.Tensor]:
         """Run ``token_lists[i]`` after each sequence's cache in one packed forward; return logits [len, V] per sequence.
@@ -77,28 +103,45 @@ class TargetEngine:
             return [self._forward(seqs[0], token_lists[0], len(seqs[0].ids))]
         batch = PackedBatch(self.model, [seq.cache for seq in seqs])
         positions = [list(range(len(seq.ids), len(seq.ids) + len(tokens))) for seq, tokens in zip(seqs, token_lists)]
-        logits = batch.forward(token_lists, positions)
+        logits = batch.forward(token_lists, positions, batch_invariant=self.batch_invariant)
         for i, seq in enumerate(seqs):
             batch.append_to(i, seq.cache)
         return logits
 
-    def prefill(self, request_id: str, prompt_ids: list[int], cancelled: Callable[[], bool] | None = None) -> TargetSequence:
+    def prefill(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        cancelled: Callable[[], bool] | None = None,
+        prompt_len: int | None = None,
+    ) -> TargetSequence:
         """Compute the KV of every prompt token but the last, which becomes the root.
 
-        Before each chunk after the first, the ``cancelled`` callback is called,
-        and PrefillCancelled is raised if it returns True.
+        When ``prompt_ids`` is a request's prompt followed by output it already
+        streamed, ``prompt_len`` is the prompt's length. The prompt's body is then
+        prefilled as for the first prefill and the tokens after it get the KV that
+        decode steps gave them, so the rest of the output is the same as without
+        the restart. Before each chunk after the first, the ``cancelled`` callback is
+        called, and PrefillCancelled is raised if it returns True.
         """
         seq = TargetSequence(request_id=request_id, cache=DynamicCache(config=self.model.config))
         body = prompt_ids[:-1]
-        for start in range(0, len(body), self.prefill_chunk):
+        decoded_from = len(body)
+        if prompt_len is not None and self.batch_invariant:
+            decoded_from = min(max(prompt_len - 1, 0), len(body))
+        chunks = [(start, min(start + self.prefill_chunk, decoded_from)) for start in range(0, decoded_from, self.prefill_chunk)]
+        chunks += [(start, min(start + self.prefill_chunk, len(body))) for start in range(decoded_from, len(body), self.prefill_chunk)]
+        for start, end in chunks:
             if start > 0 and cancelled is not None and cancelled():
                 raise PrefillCancelled(seq)
-            chunk = body[start : start + self.prefill_chunk]
+            if start >= decoded_from:
+                self._forward(seq, body[start:end], start, logits=False)
+                continue
             # Only the KV matters here; keep just the last position's logits.
             with torch.inference_mode():
                 self.model(
-                    input_ids=torch.tensor([chunk], device=self.device),
-                    position_ids=torch.arange(start, start + len(chunk), device=self.device)[None],
+                    input_ids=torch.tensor([body[start:end]], device=self.device),
+                    position_ids=torch.arange(start, end, device=self.device)[None],
                     cache=seq.cache,
                     use_cache=True,
                     logits_to_keep=1,

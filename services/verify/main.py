@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     replica_id = settings.replica_id or default_replica_id("verify")
     fingerprint = tokenizer_fingerprint(tokenizer)
     drafts = DraftClient(client, settings.namespace, fingerprint) if settings.mode != "ar" else None
-    engine = TargetEngine(model, device)
+    engine = TargetEngine(model, device, batch_invariant=settings.batch_invariant)
     worker = VerifyWorker(settings, engine, tokenizer, eos_token_ids(model, tokenizer), client, drafts, replica_id)
     started_at = now()
 

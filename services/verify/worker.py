@@ -249,7 +249,12 @@ class VerifyWorker:
         # not scheduled between decode steps.
         cancelled = False
         try:
-            seq = self.engine.prefill(rid, context, cancelled=lambda: bool(self.redis.exists(keys.cancel(self.ns, rid))))
+            seq = self.engine.prefill(
+                rid,
+                context,
+                cancelled=lambda: bool(self.redis.exists(keys.cancel(self.ns, rid))),
+                prompt_len=prompt_len if generated else None,
+            )
         except PrefillCancelled as exc:
             seq = exc.seq
             cancelled = True

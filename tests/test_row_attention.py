@@ -1,0 +1,192 @@
+"""Batch-invariant target forwards: a position's bf16 logits are the same bits in every kind of forward.
+
+The reference is the target decoding one token per step. A (K + 1)-token
+verification, a packed batch with other sequences and a prefill that replays
+streamed output must give bit-identical logits and KV, so greedy output cannot
+depend on the mode or on the batch.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from services.verify.engine import TargetEngine
+from shared import row_attention
+from shared.packing import PackedBatch
+from shared.config import default_model_dir
+from tests.tiny_models import tiny_qwen2
+
+PROMPTS = [[5, 17, 33, 2, 90, 41, 7], [9, 8], [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9], [60, 61, 62, 63]]
+STEPS = 12
+
+
+def bf16_model(arch: str = "qwen2", seed: int = 31):
+    return tiny_qwen2(seed=seed, arch=arch, layers=3).to(torch.bfloat16)
+
+
+def one_token_logits(engine: TargetEngine, prompt: list[int], steps: int) -> tuple[list[int], list[torch.Tensor]]:
+    """Decode greedily one token per forward; return the tokens and the logits row of each step."""
+    seq = engine.prefill("reference", prompt)
+    tokens, rows = [], []
+    for _ in range(steps):
+        logits = engine.forward_batch([seq], [[seq.root]])[0]
+        rows.append(logits[0])
+        seq.ids.append(seq.root)
+        seq.root = int(logits[0].argmax())
+        tokens.append(seq.root)
+    return tokens, rows
+
+
+def chunked_logits(engine: TargetEngine, prompt: list[int], tokens: list[int], chunk: int) -> list[torch.Tensor]:
+    """Feed the reference tokens ``chunk`` per forward, as verifications that accept every draft."""
+    seq = engine.prefill("chunked", prompt)
+    rows = []
+    done = 0
+    while done < len(tokens):
+        drafts = tokens[done : done + chunk - 1]
+        logits = engine.forward_batch([seq], [[seq.root] + drafts])[0]
+        rows.extend(logits[: len(drafts) + 1])
+        done += len(drafts) + 1
+        if done >= len(tokens):
+            break
+        seq.ids.append(seq.root)
+        seq.ids.extend(drafts)
+        seq.root = tokens[done - 1]
+    return rows[: len(tokens)]
+
+
+def packed_logits(engine: TargetEngine, prompts: list[list[int]], tokens: list[list[int]]) -> list[list[torch.Tensor]]:
+    """Feed every sequence's reference tokens in shared forwards, a different count per sequence and step."""
+    seqs = [engine.prefill(f"packed{i}", prompt) for i, prompt in enumerate(prompts)]
+    rows: list[list[torch.Tensor]] = [[] for _ in prompts]
+    done = [0] * len(prompts)
+    step = 0
+    while min(done) < STEPS:
+        drafts = [tokens[i][done[i] : done[i] + (i + step) % 4] for i in range(len(prompts))]
+        logits = engine.forward_batch(seqs, [[seq.root] + d for seq, d in zip(seqs, drafts)])
+        for i, seq in enumerate(seqs):
+            rows[i].extend(logits[i])
+            seq.ids.append(seq.root)
+            seq.ids.extend(drafts[i])
+            seq.root = tokens[i][done[i] + len(drafts[i])] if done[i] + len(drafts[i]) < len(tokens[i]) else 0
+            done[i] += len(drafts[i]) + 1
+        step += 1
+    return [r[:STEPS] for r in rows]
+
+
+def differing_rows(rows: list[torch.Tensor], reference: list[torch.Tensor]) -> list[int]:
+    return [i for i, (row, ref) in enumerate(zip(rows, reference)) if not torch.equal(row, ref)]
+
+
+def test_bf16_linear_rows_ignore_row_count():
+    """The kernel property the engine relies on: from two rows up, a row's result ignores the others."""
+    generator = torch.Generator().manual_seed(3)
+    for in_features, out_features in ((64, 128), (256, 1024), (1536, 1536)):
+        weight = (torch.randn(out_features, in_features, generator=generator) * 0.05).to(torch.bfloat16)
+        x = torch.randn(64, in_features, generator=generator).to(torch.bfloat16)
+        reference = torch.nn.functional.linear(x[:2], weight)[0]
+        for rows in (3, 5, 8, 17, 40, 64):
+            result = torch.nn.functional.linear(x[:rows], weight)[0]
+            assert torch.equal(result, reference), f"{in_features}x{out_features}: row 0 of {rows} rows differs from row 0 of 2 rows"
+        moved = torch.nn.functional.linear(torch.cat([x[1:9], x[:1]]), weight)[-1]
+        assert torch.equal(moved, reference), f"{in_features}x{out_features}: row 0 differs when it comes last"
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_verify_forward_logits_equal_one_token_steps(arch):
+    engine = TargetEngine(bf16_model(arch), torch.device("cpu"))
+    for index, prompt in enumerate(PROMPTS):
+        tokens, reference = one_token_logits(engine, prompt, STEPS)
+        for chunk in (2, 5, 8):
+            rows = chunked_logits(engine, prompt, tokens, chunk)
+            assert differing_rows(rows, reference) == [], f"prompt {index}, {chunk} tokens per forward"
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_packed_forward_logits_equal_one_token_steps(arch):
+    engine = TargetEngine(bf16_model(arch), torch.device("cpu"))
+    references = [one_token_logits(engine, prompt, STEPS) for prompt in PROMPTS]
+    packed = packed_logits(engine, PROMPTS, [tokens for tokens, _ in references])
+    for index, (rows, (_, reference)) in enumerate(zip(packed, references)):
+        assert differing_rows(rows, reference) == [], f"prompt {index}"
+
+
+def test_sdpa_forwards_differ_in_bf16():
+    """Without row attention the same positions round differently, which is what the tests above catch."""
+    engine = TargetEngine(bf16_model(), torch.device("cpu"), batch_invariant=False)
+    mismatches = 0
+    for prompt in PROMPTS:
+        tokens, reference = one_token_logits(engine, prompt, STEPS)
+        mismatches += len(differing_rows(chunked_logits(engine, prompt, tokens, 5), reference))
+    assert mismatches > 0, "SDPA gave bit-identical logits; the batch-invariance tests above no longer show anything on this machine"
+
+
+@pytest.mark.slow
+def test_smollm2_logits_equal_across_forwards():
+    """The same checks on a real model's shapes (SmolLM2-135M, Llama architecture, 3 key/value heads of 9)."""
+    from transformers import AutoTokenizer
+
+    from shared.modeling import load_causal_lm
+
+    path = default_model_dir() / "smollm2-135m-instruct"
+    if not (path / "config.json").is_file():
+        pytest.skip(f"model {path} is not built; run `make models`")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    prompts = [tokenizer(text)["input_ids"] for text in ("def fibonacci(n):\n", "The capital of France is", "import numpy as np\n\ndef mean(xs):")]
+    engine = TargetEngine(load_causal_lm(str(path), "bfloat16", torch.device("cpu")), torch.device("cpu"))
+
+    references = [one_token_logits(engine, prompt, STEPS) for prompt in prompts]
+    for index, (prompt, (tokens, reference)) in enumerate(zip(prompts, references)):
+        assert differing_rows(chunked_logits(engine, prompt, tokens, 5), reference) == [], f"prompt {index}, 5 tokens per forward"
+    packed = packed_logits(engine, prompts, [tokens for tokens, _ in references])
+    for index, (rows, (_, reference)) in enumerate(zip(packed, references)):
+        assert differing_rows(rows, reference) == [], f"prompt {index}, packed"
+
+
+def test_replayed_prefill_equals_decoded_cache():
+    """A restarted request's prefill of prompt + streamed output rebuilds the decoded KV bit for bit."""
+    engine = TargetEngine(bf16_model(), torch.device("cpu"), prefill_chunk=4)
+    prompt = PROMPTS[2]
+    decoded = engine.prefill("decoded", prompt)
+    generated = []
+    for _ in range(STEPS):
+        logits = engine.forward_batch([decoded], [[decoded.root]])[0]
+        decoded.ids.append(decoded.root)
+        decoded.root = int(logits[0].argmax())
+        generated.append(decoded.root)
+
+    replayed = engine.prefill("replayed", prompt + generated, prompt_len=len(prompt))
+    assert replayed.ids == decoded.ids
+    assert replayed.root == decoded.root
+    for layer, (ours, theirs) in enumerate(zip(replayed.cache.layers, decoded.cache.layers)):
+        assert torch.equal(ours.keys, theirs.keys), f"layer {layer} keys"
+        assert torch.equal(ours.values, theirs.values), f"layer {layer} values"
+    next_replayed = engine.forward_batch([replayed], [[replayed.root]])[0]
+    next_decoded = engine.forward_batch([decoded], [[decoded.root]])[0]
+    assert torch.equal(next_replayed, next_decoded)
+
+
+def test_one_token_forward_leaves_one_kv_entry():
+    engine = TargetEngine(bf16_model(), torch.device("cpu"))
+    seq = engine.prefill("one", PROMPTS[0])
+    logits = engine.forward_batch([seq], [[seq.root]])[0]
+    assert logits.shape == (1, 128)
+    assert seq.cache.get_seq_length() == len(PROMPTS[0])
+
+
+def test_plan_row_count_mismatch_raises():
+    model = bf16_model()
+    row_attention.install(model)
+    plan = [row_attention.Segment(0, 2, prefix=0)]
+    with row_attention.attention_plan(plan), pytest.raises(ValueError, match="covers 2 query rows but the forward has 3"):
+        model(input_ids=torch.tensor([[1, 2, 3]]))
+
+
+def test_packed_batch_rejects_tree_masks_with_row_attention():
+    model = bf16_model()
+    row_attention.install(model)
+    batch = PackedBatch(model, [TargetEngine(model, torch.device("cpu")).prefill("p", PROMPTS[0]).cache])
+    allowed = [torch.ones(1, len(PROMPTS[0]), dtype=torch.bool)]
+    with pytest.raises(ValueError, match="only the default causal rule"):
+        batch.forward([[4]], [[len(PROMPTS[0]) - 1]], allowed=allowed, batch_invariant=True)
