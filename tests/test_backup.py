@@ -62,7 +62,8 @@ def test_miss_outcome_follows_the_backup():
         chooser.observe_tokens("jit", 4)
         chooser.observe_tokens("none", 1)
     tokens, stall = chooser.miss_outcome(1, "jit")
-    assert tokens == pytest.approx(4.0, abs=0.05)
+    # A JIT backup commits what any drafted step commits, so the caller uses its own estimate.
+    assert tokens is None
     assert stall == pytest.approx(0.25, abs=0.01)
     assert chooser.miss_outcome(1, "none") == (pytest.approx(1.0, abs=0.05), 0.0)
     # Auto picks what choose picks: here the JIT draft.

@@ -92,14 +92,17 @@ def test_step_rates_by_hand():
     builds, jits = measured_draft_costs()
     verify = cost_of(0.375, 0.01)
     committed = expected_committed(0.8, 4)  # 3.3616 tokens per request
-    rates = step_rates(8, 4, 0.8, 0.8, verify, builds, jits)
+    rates = step_rates(8, 4, 0.8, 0.8, verify, builds, jits, miss_tokens=1.0)
     # Batch 8: a 40-token forward of 0.775 s; builds of 2.25 s; JIT drafts of 0.4 s.
     assert rates["cache"] == pytest.approx((8 * 0.8 * committed + 8 * 0.2) / 2.25, rel=1e-3)
     assert rates["jit"] == pytest.approx(8 * committed / (0.775 + 0.4), rel=1e-3)
     assert rates["plain"] == pytest.approx(8 / 0.455, rel=1e-3)
-    rates = step_rates(1, 4, 0.8, 0.8, verify, builds, jits)
+    rates = step_rates(1, 4, 0.8, 0.8, verify, builds, jits, miss_tokens=1.0)
     assert rates["cache"] == pytest.approx((0.8 * committed + 0.2) / 0.5, rel=1e-3)
     assert rates["jit"] == pytest.approx(committed / (0.425 + 0.25), rel=1e-3)
+    # Without miss_tokens a miss's JIT backup commits E(4), like any drafted step.
+    rates = step_rates(1, 4, 0.8, 0.8, verify, builds, jits, miss_stall_s=0.25)
+    assert rates["cache"] == pytest.approx(committed / (0.5 + 0.2 * 0.25), rel=1e-3)
 
 
 def test_cache_rate_counts_backup_stalls():
@@ -107,7 +110,7 @@ def test_cache_rate_counts_backup_stalls():
     verify = cost_of(0.375, 0.01)
     committed = expected_committed(0.8, 4)
     # JIT backups: a miss commits a full speculation, but some request of 4 misses with probability 1 - 0.8^4.
-    rates = step_rates(4, 4, 0.8, 0.8, verify, builds, jits, miss_tokens=committed, miss_stall_s=0.3)
+    rates = step_rates(4, 4, 0.8, 0.8, verify, builds, jits, miss_stall_s=0.3)
     step_s = max(verify.predict(20), builds.predict(4)) + (1 - 0.8**4) * 0.3
     assert rates["cache"] == pytest.approx(4 * committed / step_s, rel=1e-3)
     assert rates["jit"] == pytest.approx(4 * committed / (verify.predict(20) + jits.predict(4)), rel=1e-3)
@@ -128,6 +131,16 @@ def test_plain_steps_at_low_acceptance():
     # At acceptance rate 0.1 a step commits 1.11 tokens per request: not worth a draft.
     assert choose_step_kind(step_rates(8, 4, 0.1, 0.8, verify, builds, jits), "cache") == "plain"
     assert step_rates(8, 0, 0.8, 0.8, verify, builds, jits) == {"plain": pytest.approx(8 / 0.455, rel=1e-3)}
+
+
+def test_cache_beats_jit_when_build_fits():
+    """With the build inside the verify, a cache step is never slower than a JIT step at any hit rate above 0."""
+    verify = cost_of(0.4, 0.005)
+    builds = ForwardCost(default_s=0.26)
+    jits = ForwardCost(default_s=0.24)
+    for hit_rate in (0.05, 0.4, 0.73, 0.95):
+        rates = step_rates(1, 4, 0.85, hit_rate, verify, builds, jits, miss_stall_s=jits.predict(1))
+        assert rates["cache"] > rates["jit"], f"hit rate {hit_rate}"
 
 
 def test_step_kind_holds_within_the_margin():

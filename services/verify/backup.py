@@ -88,10 +88,15 @@ class BackupChooser:
         kinds = ["jit", "none"] + (["ngram"] if ngram_found else [])
         return max(kinds, key=lambda kind: self.rate(kind, batch_size))
 
-    def miss_outcome(self, batch_size: int, kind: str | None = None) -> tuple[float, float]:
+    def miss_outcome(self, batch_size: int, kind: str | None = None) -> tuple[float | None, float]:
         """Return the tokens per request that the step after a miss commits, and the batch's wait for the backup in seconds.
 
         ``kind`` is the configured backup, or None for the one ``choose`` picks without an n-gram match.
+        For a JIT backup the tokens are None: its drafts come from the same draft
+        as a cache branch's, so they commit as many tokens as a drafted step on
+        average. The JIT tokens measured here come only from steps after misses,
+        at the hard spots of a text, where any speculation commits fewer.
         """
         kind = kind or self.choose(batch_size, ngram_found=False)
-        return self.tokens[kind].value, self.stall_s(kind, batch_size)
+        tokens = None if kind == "jit" else self.tokens[kind].value
+        return tokens, self.stall_s(kind, batch_size)

@@ -114,29 +114,32 @@ def step_rates(
     build_cost: ForwardCost,
     jit_cost: ForwardCost,
     kinds: tuple[str, ...] = STEP_KINDS,
-    miss_tokens: float = 1.0,
+    miss_tokens: float | None = None,
     miss_stall_s: float = 0.0,
 ) -> dict[str, float]:
     """Return the predicted tokens per second of each step kind in ``kinds`` at this batch size.
 
-    A cache step commits E(drafts) tokens per request on a hit and
-    ``miss_tokens`` after a miss, whose backup delays the whole batch by
-    ``miss_stall_s`` whenever any of its requests misses (probability
-    1 - hit_rate^batch_size). It lasts max(verify, build) plus that delay. A
-    JIT step commits E(drafts) and lasts verify + JIT draft. A plain step
-    commits one token per request in a one-token-per-request forward. Kinds
-    that need drafts are left out when ``drafts`` is 0.
+    A cache step commits E(drafts) tokens per request on a hit. After a miss
+    it commits ``miss_tokens``, or E(drafts) when that is None: a JIT backup
+    drafts from the same draft model as a cache branch, so its drafts are
+    accepted as often. The backup delays the whole batch by ``miss_stall_s``
+    whenever any of its requests misses (probability 1 - hit_rate^batch_size).
+    A cache step lasts max(verify, build) plus that delay. A JIT step commits
+    E(drafts) and lasts verify + JIT draft. A plain step commits one token per
+    request in a one-token-per-request forward. Kinds that need drafts are left
+    out when ``drafts`` is 0.
     """
     rates = {}
     if drafts > 0:
         verify = verify_cost.predict(batch_size * (drafts + 1))
-        committed = batch_size * expected_committed(acceptance_rate, drafts)
+        per_request = expected_committed(acceptance_rate, drafts)
         if "cache" in kinds:
-            on_cache = batch_size * (hit_rate * expected_committed(acceptance_rate, drafts) + (1.0 - hit_rate) * miss_tokens)
+            after_miss = per_request if miss_tokens is None else miss_tokens
+            on_cache = batch_size * (hit_rate * per_request + (1.0 - hit_rate) * after_miss)
             stall = (1.0 - hit_rate**batch_size) * miss_stall_s
             rates["cache"] = on_cache / (max(verify, build_cost.predict(batch_size)) + stall)
         if "jit" in kinds:
-            rates["jit"] = committed / (verify + jit_cost.predict(batch_size))
+            rates["jit"] = batch_size * per_request / (verify + jit_cost.predict(batch_size))
     rates["plain"] = batch_size / verify_cost.predict(batch_size)
     return rates
 

@@ -73,6 +73,11 @@ logger = logging.getLogger("saguaro.verify")
 RECLAIM_INTERVAL_S = 2.0
 # Steps after which a request's fan-out follows its own statistics instead of the replica's.
 REQUEST_FANOUT_MIN_STEPS = 32
+# Cache hit rate assumed before any lookup. While steps of another kind run, no lookup measures the
+# hit rate. So each such step moves the estimate this share of the way back to the prior (half the
+# gap in about 35 steps), and cache steps are tried again once the prior makes them look faster.
+HIT_RATE_PRIOR = 0.75
+HIT_RATE_RELAX = 0.02
 
 
 @dataclass
@@ -137,7 +142,7 @@ class VerifyWorker:
         self.jit_cost = jit_cost_prior()
         self.backups = BackupChooser(jit_cost=self.jit_cost)
         # Share of cache lookups that hit, recent ones weighing most.
-        self.hit_rate = Ema(0.75, weight=0.05)
+        self.hit_rate = Ema(HIT_RATE_PRIOR, weight=0.05)
         self.draft_limit = self.k
         # How steps get their speculation: SSD caches, JIT drafts, or none (see ``services.verify.scheduler``).
         self.step_kind = {"ssd": "cache", "sd": "jit"}.get(settings.mode, "plain")
@@ -395,6 +400,8 @@ class VerifyWorker:
             return
         limit = best_num_drafts(batch_size, self.k, self.acceptance.rate, self.forward_cost, current=self.draft_limit)
         self.seed_draft_costs()
+        if self.settings.mode == "ssd" and self.step_kind != "cache":
+            self.hit_rate.value += HIT_RATE_RELAX * (HIT_RATE_PRIOR - self.hit_rate.value)
         kinds = STEP_KINDS if self.settings.mode == "ssd" else ("jit", "plain")
         backup = None if self.settings.backup == "auto" else self.settings.backup
         miss_tokens, miss_stall_s = self.backups.miss_outcome(batch_size, backup)
