@@ -20,6 +20,8 @@ $PY -m bench.run_bench --name humaneval-greedy-8x64-same-total --num-prompts 8 -
 # Draft speed: the cache build by phase, and SD and SSD with a sub-vocabulary draft output layer.
 $PY -m bench.draft_speed --name draft-speed-vocab --num-prompts 2 --steps 4 --variants int8,int8-v65536,int8-v32768
 $PY -m bench.run_bench --name humaneval-greedy-8x64-vocab --num-prompts 8 --max-tokens 64 --modes sd,ssd,sd-v32768,ssd-v32768
+# The cost of batch-invariant row attention in the target's decode forwards.
+$PY -m bench.row_attention
 # Prose and maths.
 $PY -m bench.run_bench --name gsm8k-greedy-8x64 --prompt-set gsm8k --num-prompts 8 --max-tokens 64 --modes ar,sd,ssd
 
