@@ -14,25 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
+
+from bench.draft_kernels import median_ms
 
 ROOT = Path(__file__).resolve().parent.parent
 CONTEXT = 300
 # (sequences, tokens per sequence) of each timed forward.
 CASES = ((1, 1), (1, 5), (4, 5), (8, 5))
-
-
-def median_ms(function, repeats: int) -> float:
-    function()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - started)
-    return 1000 * statistics.median(times)
 
 
 def time_cases(engine, repeats: int) -> dict[str, float]:

@@ -19,6 +19,7 @@ import torch
 from bench.direct_client import collect, generate, submit
 from services.launcher import Stack
 from shared.config import Settings
+from tests.tiny_models import target_greedy_one_token
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -27,16 +28,22 @@ NUM_PROMPTS = int(os.environ.get("SAGUARO_REAL_PROMPTS", "2"))
 NUM_TOKENS = int(os.environ.get("SAGUARO_REAL_TOKENS", "32"))
 
 
-def test_qwen_ssd_equals_target_greedy(tmp_path):
-    settings = Settings()
+def qwen_prompts(settings: Settings) -> list[list[int]]:
+    """Return the first NUM_PROMPTS HumanEval prompts as target token ids; skip the test if the models are not built."""
     for path in (settings.target_model, settings.draft_model):
         if not (Path(path) / "config.json").is_file():
             pytest.skip(f"model {path} is not built; run `make models`")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(settings.target_model)
     rows = [json.loads(line) for line in (ROOT / "bench" / "data" / "humaneval.jsonl").read_text().splitlines()][:NUM_PROMPTS]
-    prompts = [tokenizer(row["prompt"])["input_ids"] for row in rows]
+    return [tokenizer(row["prompt"])["input_ids"] for row in rows]
+
+
+def test_qwen_ssd_equals_target_greedy(tmp_path):
+    settings = Settings()
+    prompts = qwen_prompts(settings)
+    from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(settings.target_model, dtype=torch.float32, use_kernels=False)
     expected = []
@@ -63,30 +70,8 @@ def test_qwen_ssd_equals_target_greedy(tmp_path):
 def test_qwen_bf16_batched_ssd_equals_one_token_decoding(tmp_path):
     """In bf16, SSD with two requests batched gives the target's own one-token-per-step greedy output."""
     settings = Settings()
-    for path in (settings.target_model, settings.draft_model):
-        if not (Path(path) / "config.json").is_file():
-            pytest.skip(f"model {path} is not built; run `make models`")
-    from transformers import AutoTokenizer
-
-    from services.verify.engine import TargetEngine
-    from shared.modeling import load_causal_lm
-
-    tokenizer = AutoTokenizer.from_pretrained(settings.target_model)
-    rows = [json.loads(line) for line in (ROOT / "bench" / "data" / "humaneval.jsonl").read_text().splitlines()][:NUM_PROMPTS]
-    prompts = [tokenizer(row["prompt"])["input_ids"] for row in rows]
-
-    engine = TargetEngine(load_causal_lm(settings.target_model, "bfloat16", torch.device("cpu")), torch.device("cpu"))
-    expected = []
-    for index, ids in enumerate(prompts):
-        seq = engine.prefill(f"reference{index}", ids)
-        tokens = []
-        for _ in range(NUM_TOKENS):
-            logits = engine.forward_batch([seq], [[seq.root]])[0]
-            seq.ids.append(seq.root)
-            seq.root = int(logits[0].argmax())
-            tokens.append(seq.root)
-        expected.append(tokens)
-    del engine, seq
+    prompts = qwen_prompts(settings)
+    expected = target_greedy_one_token(Path(settings.target_model), prompts, NUM_TOKENS, torch.bfloat16)
     gc.collect()
 
     namespace = f"real-bf16-{uuid.uuid4().hex[:8]}"
