@@ -1,9 +1,9 @@
 """Time the target's decode forwards with row attention against SDPA, on one CPU core.
 
 Row attention (``shared.row_attention``, the verify service's default) makes a
-position's logits independent of the forward's shape, at the cost of a Python
-loop over query rows in every layer and of a second row in one-token forwards.
-This benchmark measures that cost for the forwards the verify service runs: one
+position's logits independent of the forward's shape. It runs a Python loop over
+query rows in every layer and a second row in one-token forwards. This
+benchmark measures what that costs for the forwards the verify service runs: one
 token (AR and plain steps), K + 1 = 5 tokens (a verification) and packed batches
 of 4 and 8 sequences with 5 tokens each, after contexts of about CONTEXT tokens.
 

@@ -68,7 +68,7 @@ def test_qwen_ssd_equals_target_greedy(tmp_path):
 
 
 def test_qwen_bf16_batched_ssd_equals_one_token_decoding(tmp_path):
-    """In bf16, SSD with two requests batched gives the target's own one-token-per-step greedy output."""
+    """In bf16, SSD with every prompt's request in one batch gives the target's own one-token-per-step greedy output."""
     settings = Settings()
     prompts = qwen_prompts(settings)
     expected = target_greedy_one_token(Path(settings.target_model), prompts, NUM_TOKENS, torch.bfloat16)

@@ -15,7 +15,7 @@ from services.verify.engine import TargetEngine
 from shared import row_attention
 from shared.packing import PackedBatch
 from shared.config import default_model_dir
-from tests.tiny_models import tiny_qwen2
+from tests.tiny_models import decode_one_token_steps, tiny_qwen2
 
 PROMPTS = [[5, 17, 33, 2, 90, 41, 7], [9, 8], [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9], [60, 61, 62, 63]]
 STEPS = 12
@@ -27,15 +27,7 @@ def bf16_model(arch: str = "qwen2", seed: int = 31):
 
 def one_token_logits(engine: TargetEngine, prompt: list[int], steps: int) -> tuple[list[int], list[torch.Tensor]]:
     """Decode greedily one token per forward; return the tokens and the logits row of each step."""
-    seq = engine.prefill("reference", prompt)
-    tokens, rows = [], []
-    for _ in range(steps):
-        logits = engine.forward_batch([seq], [[seq.root]])[0]
-        rows.append(logits[0])
-        seq.ids.append(seq.root)
-        seq.root = int(logits[0].argmax())
-        tokens.append(seq.root)
-    return tokens, rows
+    return decode_one_token_steps(engine, engine.prefill("reference", prompt), steps)
 
 
 def chunked_logits(engine: TargetEngine, prompt: list[int], tokens: list[int], chunk: int) -> list[torch.Tensor]:
@@ -149,12 +141,7 @@ def test_replayed_prefill_equals_decoded_cache():
     engine = TargetEngine(bf16_model(), torch.device("cpu"), prefill_chunk=4)
     prompt = PROMPTS[2]
     decoded = engine.prefill("decoded", prompt)
-    generated = []
-    for _ in range(STEPS):
-        logits = engine.forward_batch([decoded], [[decoded.root]])[0]
-        decoded.ids.append(decoded.root)
-        decoded.root = int(logits[0].argmax())
-        generated.append(decoded.root)
+    generated, _ = decode_one_token_steps(engine, decoded, STEPS)
 
     replayed = engine.prefill("replayed", prompt + generated, prompt_len=len(prompt))
     assert replayed.ids == decoded.ids

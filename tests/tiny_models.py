@@ -104,15 +104,21 @@ def target_greedy_one_token(model_dir: Path, prompts: list[list[int]], max_token
     engine = TargetEngine(model.eval(), torch.device("cpu"))
     outputs = []
     for index, prompt in enumerate(prompts):
-        seq = engine.prefill(f"reference{index}", list(prompt))
-        tokens = []
-        for _ in range(max_tokens):
-            logits = engine.forward_batch([seq], [[seq.root]])[0]
-            seq.ids.append(seq.root)
-            seq.root = int(logits[0].argmax())
-            tokens.append(seq.root)
+        tokens, _ = decode_one_token_steps(engine, engine.prefill(f"reference{index}", list(prompt)), max_tokens)
         outputs.append(tokens)
     return outputs
+
+
+def decode_one_token_steps(engine, seq, steps: int) -> tuple[list[int], list[torch.Tensor]]:
+    """Decode ``seq`` greedily with ``engine`` (a TargetEngine), one token per forward; return the tokens and each step's logits row."""
+    tokens, rows = [], []
+    for _ in range(steps):
+        logits = engine.forward_batch([seq], [[seq.root]])[0]
+        rows.append(logits[0])
+        seq.ids.append(seq.root)
+        seq.root = int(logits[0].argmax())
+        tokens.append(seq.root)
+    return tokens, rows
 
 
 def tiny_stack_env(target_dir: Path, draft_dir: Path, namespace: str, mode: str = "ssd", **settings) -> dict[str, str]:

@@ -12,14 +12,15 @@ gets the same logits in an AR step, a verification and a packed batch, in bf16 t
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
 
-from shared.modeling import crop_cache
 from shared import row_attention
+from shared.modeling import crop_cache
 from shared.packing import PackedBatch
 from shared.protocol import Proposal, SamplingParams
 from shared.sampling import accept_prefix, logprobs_of, sample_positions, verify_with_proposals
@@ -70,20 +71,17 @@ class TargetEngine:
         With ``logits=False`` only the KV is computed and None is returned.
         """
         count = len(tokens)
-        if not self.batch_invariant:
-            input_ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
-            position_ids = torch.arange(start, start + count, device=self.device)[None]
-            out = self.model(input_ids=input_ids, position_ids=position_ids, cache=seq.cache, use_cache=True)
-            return out.logits[0] if logits else None
-
         positions = list(range(start, start + count))
-        if count == 1:
-            # A one-row matmul takes another kernel path and rounds differently, so a copy of
-            # the token runs as a second row. Its logits and KV are dropped below.
-            tokens, positions = tokens * 2, positions * 2
+        plan = contextlib.nullcontext()
+        if self.batch_invariant:
+            if count == 1:
+                # A one-row matmul takes another kernel path and rounds differently, so a copy of
+                # the token runs as a second row. Its logits and KV are dropped below.
+                tokens, positions = tokens * 2, positions * 2
+            plan = row_attention.attention_plan([row_attention.Segment(0, len(tokens), prefix=start)])
         input_ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
         position_ids = torch.tensor([positions], dtype=torch.long, device=self.device)
-        with row_attention.attention_plan([row_attention.Segment(0, len(tokens), prefix=start)]):
+        with plan:
             out = self.model(input_ids=input_ids, position_ids=position_ids, cache=seq.cache, use_cache=True, logits_to_keep=0 if logits else 1)
         crop_cache(seq.cache, start + count)
         return out.logits[0, :count] if logits else None
