@@ -55,6 +55,12 @@ class Settings(BaseSettings):
         "false uses SDPA for every forward",
     )
     max_model_len: int = Field(4096, ge=16, description="maximum prompt plus completion length in tokens")
+    prefill_chunk_size: int = Field(
+        256,
+        ge=1,
+        description="prompt tokens per prefill forward; the verifier runs one chunk between two decode steps, so a long prompt "
+        "delays running requests by one chunk at a time (smaller: shorter delays, slower prefill)",
+    )
 
     # Decoding.
     mode: DecodeMode = Field("ssd", description="ar: target only; sd: speculative decoding; ssd: speculative speculative decoding")

@@ -44,6 +44,7 @@ VERIFY_STEPS = Counter("saguaro:verify_steps", "Batched verification steps by ki
 STEP_KIND = Gauge("saguaro:verify_step_kind", "1 for the kind of speculation verify steps use now (cache, jit or plain), 0 for the others", ["kind"])
 BATCH_SIZE = Histogram("saguaro:verify_batch_size", "Requests in one batched verification step", buckets=(1, 2, 4, 8, 16, 32, 64, 128))
 REQUESTS_RUNNING = Gauge("saguaro:num_requests_running", "Requests this verify replica is decoding")
+REQUESTS_PREFILLING = Gauge("saguaro:num_requests_prefilling", "Admitted requests whose prompt this verify replica is still prefilling")
 REQUESTS_FINISHED = Counter("saguaro:request_success", "Finished requests by finish reason", ["finished_reason"])
 
 # draft

@@ -7,12 +7,15 @@ histogram shows that steps really carried several requests.
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import pytest
 import torch
 
 from bench.direct_client import collect, generate, submit
 from tests.test_integration import PROMPTS, redis_of, start_stack, tiny_pair  # noqa: F401 (fixture)
+from shared import keys
 from tests.test_metrics import Scrape
 from tests.tiny_models import target_greedy, target_greedy_one_token
 
@@ -84,3 +87,34 @@ def test_sampled_request_is_unchanged_by_batch_company(tiny_pair, tmp_path_facto
     finally:
         deployment.stop()
     assert together == alone
+
+
+def test_long_prefill_runs_between_decode_steps(tiny_pair, tmp_path_factory):  # noqa: F811
+    """A long prompt is prefilled one chunk per loop turn, so a running request keeps streaming, and both stay exact."""
+    long_prompt = [(7 * i + 3) % 100 + 1 for i in range(600)]
+    chunk = 40
+    chunks = -(-(len(long_prompt) - 1) // chunk)
+    expected_running = target_greedy(tiny_pair[0], [PROMPTS[0]], 300)[0]
+    expected_long = target_greedy(tiny_pair[0], [long_prompt], 10)[0]
+    deployment = start_stack(tiny_pair, tmp_path_factory, "ssd", max_num_seqs=4, prefill_chunk_size=chunk)
+    try:
+        client, ns = redis_of(deployment)
+        running = submit(client, ns, PROMPTS[0], temperature=0.0, max_tokens=300, ignore_eos=True)
+        # Wait until the first request decodes, so the long prefill starts while it runs.
+        while not client.xlen(keys.events(ns, running)):
+            time.sleep(0.01)
+        submitted_ms = int(client.time()[0] * 1000 + client.time()[1] // 1000)
+        long_id = submit(client, ns, long_prompt, temperature=0.0, max_tokens=10, ignore_eos=True)
+        long_result = collect(client, ns, long_id, timeout_s=120)
+        running_result = collect(client, ns, running, timeout_s=120)
+        first_long_ms = int(client.xrange(keys.events(ns, long_id), count=1)[0][0].split(b"-")[0])
+        running_ids = [int(entry_id.split(b"-")[0]) for entry_id, _ in client.xrange(keys.events(ns, running))]
+    finally:
+        deployment.stop()
+    assert long_result.token_ids == expected_long
+    assert running_result.token_ids == expected_running
+    # One decode step of the running request per chunk. Prefilled in one go, the prompt would
+    # let at most a step or two through between its admission and its first token.
+    steps_during_prefill = sum(1 for ms in running_ids if submitted_ms < ms < first_long_ms)
+    assert running_ids[-1] > first_long_ms, "the running request finished before the long prefill ended"
+    assert steps_during_prefill >= chunks // 2, f"{steps_during_prefill} steps during {chunks} prefill chunks"

@@ -229,7 +229,7 @@ def test_cancel_frees_the_request(ssd_stack):
 def test_cancel_during_prefill_stops_it(ssd_stack):
     client, ns = redis_of(ssd_stack)
     request_id = f"test-prefill-{uuid.uuid4().hex[:8]}"
-    # Cancelled before the verifier reads it: the prompt's first 512-token chunk runs, the second does not.
+    # Cancelled before the verifier reads it: the verifier checks before each prefill chunk, so none runs.
     client.set(keys.cancel(ns, request_id), "1", ex=60)
     submit(client, ns, (PROMPTS[0] * 200)[:900], request_id=request_id, temperature=0.0, max_tokens=50)
     result = collect(client, ns, request_id, timeout_s=30)

@@ -62,6 +62,40 @@ def test_prefill_runs_every_chunk_unless_cancelled():
     assert seq.root == 13
 
 
+def test_prefill_job_runs_one_chunk_per_call():
+    engine = TargetEngine(tiny_qwen2(seed=11), torch.device("cpu"), prefill_chunk=4)
+    prompt = list(range(1, 14))
+    job = engine.start_prefill("c", prompt)
+    lengths = []
+    while not engine.run_prefill_chunk(job):
+        lengths.append(job.seq.cache.get_seq_length())
+    lengths.append(job.seq.cache.get_seq_length())
+    assert lengths == [4, 8, 12]
+    assert job.prefilled_tokens == 12
+    assert job.seq.ids == prompt[:-1]
+    assert job.seq.root == 13
+
+    whole = engine.prefill("w", prompt)
+    for layer_job, layer_whole in zip(job.seq.cache.layers, whole.cache.layers):
+        assert torch.equal(layer_job.keys, layer_whole.keys)
+        assert torch.equal(layer_job.values, layer_whole.values)
+
+
+def test_prefill_job_of_one_token_prompt():
+    engine = TargetEngine(tiny_qwen2(seed=11), torch.device("cpu"), prefill_chunk=4)
+    job = engine.start_prefill("one", [42])
+    assert job.done
+    assert job.seq.root == 42
+    assert job.seq.ids == []
+    assert engine.run_prefill_chunk(job)
+
+
+def test_prefill_rejects_empty_prompt():
+    engine = TargetEngine(tiny_qwen2(seed=11), torch.device("cpu"))
+    with pytest.raises(ValueError, match="empty prompt"):
+        engine.start_prefill("empty", [])
+
+
 def test_verify_keeps_kv_of_accepted_prefix_only():
     model = tiny_qwen2(seed=11)
     engine = TargetEngine(model, torch.device("cpu"))

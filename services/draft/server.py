@@ -127,6 +127,8 @@ class DraftServer:
         return seq
 
     def prefill(self, message: PrefillRequest):
+        # NOTE: the whole prompt is prefilled before the next message, so a long prompt delays the
+        # cache builds of running requests by its draft prefill (the verifier splits its own prefill).
         started = time.perf_counter()
         self.engine.release(message.request_id)
         seq = self.engine.prefill(message.request_id, message.prompt_token_ids)

@@ -47,6 +47,28 @@ class TargetSequence:
         return len(self.ids) + 1
 
 
+@dataclass
+class PrefillJob:
+    """A prefill in progress: the verify loop runs one chunk between two decode steps."""
+
+    seq: TargetSequence
+    # The prompt without its last token, which becomes the root.
+    body: list[int]
+    root: int
+    # (start, end, decoded) per chunk. Decoded chunks replay output a request already streamed, in
+    # batch-invariant forwards, so their KV equals what the decode steps computed.
+    chunks: list[tuple[int, int, bool]]
+    next_chunk: int = 0
+
+    @property
+    def done(self) -> bool:
+        return self.next_chunk >= len(self.chunks)
+
+    @property
+    def prefilled_tokens(self) -> int:
+        return self.chunks[self.next_chunk - 1][1] if self.next_chunk else 0
+
+
 class PrefillCancelled(Exception):
     """Raised when a request is cancelled between two prefill chunks. ``seq`` contains the KV computed so far."""
 
@@ -106,6 +128,54 @@ class TargetEngine:
             batch.append_to(i, seq.cache)
         return logits
 
+    def start_prefill(self, request_id: str, prompt_ids: list[int], prompt_len: int | None = None) -> PrefillJob:
+        """Plan the prefill of ``prompt_ids`` in chunks; ``run_prefill_chunk`` computes them one at a time.
+
+        The KV of every token but the last is computed, and the last becomes the
+        root. When ``prompt_ids`` is a request's prompt followed by output it
+        already streamed, ``prompt_len`` is the prompt's length. The prompt's body
+        is then prefilled as for the first prefill and the tokens after it get the
+        KV that decode steps gave them, so the rest of the output is the same as
+        without the restart. Chunk boundaries depend only on the prompt, never on
+        what else runs, because in bf16 another split rounds the KV differently.
+        """
+        if not prompt_ids:
+            raise ValueError("cannot prefill an empty prompt")
+        body = prompt_ids[:-1]
+        decoded_from = len(body)
+        if prompt_len is not None and self.batch_invariant:
+            decoded_from = min(max(prompt_len - 1, 0), len(body))
+        chunks = [(start, min(start + self.prefill_chunk, decoded_from), False) for start in range(0, decoded_from, self.prefill_chunk)]
+        chunks += [(start, min(start + self.prefill_chunk, len(body)), True) for start in range(decoded_from, len(body), self.prefill_chunk)]
+        seq = TargetSequence(request_id=request_id, cache=DynamicCache(config=self.model.config))
+        job = PrefillJob(seq=seq, body=body, root=prompt_ids[-1], chunks=chunks)
+        if job.done:  # a one-token prompt: the root alone, no KV to compute
+            seq.root = job.root
+        return job
+
+    def run_prefill_chunk(self, job: PrefillJob) -> bool:
+        """Compute the KV of the job's next chunk; return True once the whole prompt is prefilled."""
+        if job.done:
+            return True
+        start, end, decoded = job.chunks[job.next_chunk]
+        if decoded:
+            self._forward(job.seq, job.body[start:end], start, logits=False)
+        else:
+            # Only the KV matters here; keep just the last position's logits.
+            with torch.inference_mode():
+                self.model(
+                    input_ids=torch.tensor([job.body[start:end]], device=self.device),
+                    position_ids=torch.arange(start, end, device=self.device)[None],
+                    cache=job.seq.cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+        job.next_chunk += 1
+        if job.done:
+            job.seq.ids = list(job.body)
+            job.seq.root = job.root
+        return job.done
+
     def prefill(
         self,
         request_id: str,
@@ -113,40 +183,17 @@ class TargetEngine:
         cancelled: Callable[[], bool] | None = None,
         prompt_len: int | None = None,
     ) -> TargetSequence:
-        """Compute the KV of every prompt token but the last, which becomes the root.
+        """Prefill ``prompt_ids`` in one call (see ``start_prefill``) and return the sequence.
 
-        When ``prompt_ids`` is a request's prompt followed by output it already
-        streamed, ``prompt_len`` is the prompt's length. The prompt's body is then
-        prefilled as for the first prefill and the tokens after it get the KV that
-        decode steps gave them, so the rest of the output is the same as without
-        the restart. Before each chunk after the first, the ``cancelled`` callback is
-        called, and PrefillCancelled is raised if it returns True.
+        Before each chunk after the first, the ``cancelled`` callback is called,
+        and PrefillCancelled is raised if it returns True.
         """
-        seq = TargetSequence(request_id=request_id, cache=DynamicCache(config=self.model.config))
-        body = prompt_ids[:-1]
-        decoded_from = len(body)
-        if prompt_len is not None and self.batch_invariant:
-            decoded_from = min(max(prompt_len - 1, 0), len(body))
-        chunks = [(start, min(start + self.prefill_chunk, decoded_from)) for start in range(0, decoded_from, self.prefill_chunk)]
-        chunks += [(start, min(start + self.prefill_chunk, len(body))) for start in range(decoded_from, len(body), self.prefill_chunk)]
-        for start, end in chunks:
-            if start > 0 and cancelled is not None and cancelled():
-                raise PrefillCancelled(seq)
-            if start >= decoded_from:
-                self._forward(seq, body[start:end], start, logits=False)
-                continue
-            # Only the KV matters here; keep just the last position's logits.
-            with torch.inference_mode():
-                self.model(
-                    input_ids=torch.tensor([body[start:end]], device=self.device),
-                    position_ids=torch.arange(start, end, device=self.device)[None],
-                    cache=seq.cache,
-                    use_cache=True,
-                    logits_to_keep=1,
-                )
-        seq.ids = list(body)
-        seq.root = prompt_ids[-1]
-        return seq
+        job = self.start_prefill(request_id, prompt_ids, prompt_len)
+        while not job.done:
+            if job.next_chunk > 0 and cancelled is not None and cancelled():
+                raise PrefillCancelled(job.seq)
+            self.run_prefill_chunk(job)
+        return job.seq
 
     def verify(self, seq: TargetSequence, drafts: list[int], params: SamplingParams, proposals: list[Proposal] | None = None) -> StepResult:
         """Verify ``drafts`` after the root; commit the accepted prefix plus one target token.

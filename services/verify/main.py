@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         # NOTE: row attention fixes the attention side on any device, but the one-row rule for
         # matmuls was only checked for torch's CPU kernels.
         logger.warning("batch_invariant was only checked on CPU; on %s greedy output may still depend on the batch", device)
-    engine = TargetEngine(model, device, batch_invariant=settings.batch_invariant)
+    engine = TargetEngine(model, device, prefill_chunk=settings.prefill_chunk_size, batch_invariant=settings.batch_invariant)
     worker = VerifyWorker(settings, engine, tokenizer, eos_token_ids(model, tokenizer), client, drafts, replica_id)
     started_at = now()
 

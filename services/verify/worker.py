@@ -15,7 +15,8 @@ AR mode verifies no drafts at all.
 Continuous batching: every step runs one target forward for all running
 requests (up to ``max_num_seqs``), each with its own KV cache, positions and
 sampling parameters (``shared.packing``). Requests join and leave between
-steps. The number of drafts each request verifies follows the batch size
+steps. A new request's prompt is prefilled one chunk per loop turn, between
+two decode steps, so the running requests keep streaming meanwhile. The number of drafts each request verifies follows the batch size
 (``services.verify.scheduler``). The draft builds the caches of all requests
 of a step, or drafts for all of them (SD steps and JIT backups), in one
 batched request per draft replica. In SSD mode each step picks its kind of
@@ -35,7 +36,7 @@ import redis
 
 from services.verify.backup import BackupChooser, Ema, jit_cost_prior, ngram_propose
 from services.verify.draft_client import DraftClient
-from services.verify.engine import PrefillCancelled, TargetEngine, TargetSequence
+from services.verify.engine import PrefillJob, TargetEngine, TargetSequence
 from services.verify.output import OutputState
 from services.verify.scheduler import STEP_KINDS, ForwardCost, best_num_drafts, choose_step_kind, step_rates
 from shared import keys, metrics
@@ -116,6 +117,20 @@ class ActiveRequest:
         return self.seq.ids + [self.seq.root]
 
 
+@dataclass
+class PendingPrefill:
+    """An admitted request whose prompt the target is still prefilling, chunk by chunk."""
+
+    request: GenerateRequest
+    message_id: bytes
+    job: PrefillJob
+    # Output streamed before a takeover, prefilled after the prompt.
+    generated: list[int]
+    sent_text: str
+    admitted_at: float
+    draft_address: str | None
+
+
 class VerifyWorker:
     def __init__(self, settings: Settings, engine: TargetEngine, tokenizer, eos_ids: set[int], client: redis.Redis, drafts: DraftClient | None, replica_id: str):
         self.settings = settings
@@ -128,6 +143,8 @@ class VerifyWorker:
         self.ns = settings.namespace
         self.k = settings.num_speculative_tokens
         self.active: list[ActiveRequest] = []
+        # Admitted requests in prefill, oldest first.
+        self.prefilling: list[PendingPrefill] = []
         self.stopped = threading.Event()
         self.acceptance = AcceptanceEstimate(settings.fanout_acceptance_rate)
         # Separate fan-out statistics after a hit and after a miss: a backup speculation is often
@@ -171,10 +188,10 @@ class VerifyWorker:
                 raise
 
     def admit(self) -> None:
-        free = self.settings.max_num_seqs - len(self.active)
+        free = self.settings.max_num_seqs - len(self.active) - len(self.prefilling)
         if free <= 0:
             return
-        block_ms = None if self.active else 500
+        block_ms = None if self.active or self.prefilling else 500
         try:
             batches = self.redis.xreadgroup(keys.REQUEST_GROUP, self.replica_id, {self.stream: ">"}, count=free, block=block_ms)
         except redis.ResponseError as exc:
@@ -228,7 +245,7 @@ class VerifyWorker:
         return tokens, text
 
     def begin(self, request: GenerateRequest, message_id: bytes, generated: list[int], sent_text: str) -> None:
-        """Prefill the prompt plus any tokens generated before a takeover, then add the request to the loop."""
+        """Queue the prefill of the prompt plus any tokens generated before a takeover, and start the draft's prefill."""
         rid = request.request_id
         prompt_len = len(request.prompt_token_ids)
         context = request.prompt_token_ids + generated
@@ -249,55 +266,74 @@ class VerifyWorker:
         pipe.hset(state_key, mapping={"status": "running", "verify": self.replica_id, "draft": draft_address or ""})
         pipe.expire(state_key, keys.EVENTS_TTL_S)
         pipe.execute()
-        # Prefilling a long prompt on a CPU takes seconds, so a cancellation is checked between chunks.
-        # NOTE: the running requests take no step until this prefill ends, because prefill chunks are
-        # not scheduled between decode steps.
-        cancelled = False
-        try:
-            seq = self.engine.prefill(
-                rid,
-                context,
-                cancelled=lambda: bool(self.redis.exists(keys.cancel(self.ns, rid))),
-                prompt_len=prompt_len if generated else None,
-            )
-        except PrefillCancelled as exc:
-            seq = exc.seq
-            cancelled = True
-        except Exception as exc:
-            logger.exception("request %s: prefill failed", rid, extra={"request_id": rid})
-            self.fail(rid, message_id, f"prefill failed: {exc}", "internal_error")
-            self.release_draft(rid, draft_address)
-            return
-        if not cancelled:
-            metrics.PROMPT_TOKENS.inc(prompt_len)
+        job = self.engine.start_prefill(rid, context, prompt_len=prompt_len if generated else None)
+        self.prefilling.append(PendingPrefill(request, message_id, job, generated, sent_text, admitted_at, draft_address))
+        metrics.REQUESTS_PREFILLING.set(len(self.prefilling))
 
+    def advance_prefill(self) -> None:
+        """Run the next chunk of the oldest queued prefill, and start decoding its request once the prompt is done.
+
+        The loop runs one chunk between two decode steps, so a long prompt delays
+        the running requests' next step by one chunk's forward, not by its whole prefill.
+        """
+        if not self.prefilling:
+            return
+        pending = self.prefilling[0]
+        rid = pending.request.request_id
+        try:
+            if self.redis.exists(keys.cancel(self.ns, rid)):
+                self.prefilling.pop(0)
+                logger.info(
+                    "request %s cancelled by the client during prefill, %d of %d tokens prefilled",
+                    rid, pending.job.prefilled_tokens, len(pending.job.body), extra={"request_id": rid},
+                )
+                self.finish(self.activate(pending), "abort", None)
+                return
+            done = self.engine.run_prefill_chunk(pending.job)
+        except redis.ConnectionError:
+            raise
+        except Exception as exc:
+            self.prefilling.pop(0)
+            metrics.REQUESTS_PREFILLING.set(len(self.prefilling))
+            logger.exception("request %s: prefill failed", rid, extra={"request_id": rid})
+            self.fail(rid, pending.message_id, f"prefill failed: {type(exc).__name__}: {exc}", "internal_error")
+            self.release_draft(rid, pending.draft_address)
+            return
+        if not done:
+            return
+        self.prefilling.pop(0)
+        metrics.PROMPT_TOKENS.inc(len(pending.request.prompt_token_ids))
+        active = self.activate(pending)
+        if active.draft_address is not None:
+            active.drafts = self.await_draft(active, 0)
+        self.active.append(active)
+        metrics.REQUESTS_RUNNING.set(len(self.active))
+
+    def activate(self, pending: PendingPrefill) -> ActiveRequest:
+        """Return the decoding state of a request whose prefill ended or was cancelled."""
+        metrics.REQUESTS_PREFILLING.set(len(self.prefilling))
+        request, generated = pending.request, pending.generated
+        prompt_len = len(request.prompt_token_ids)
         output = OutputState(self.tokenizer, request.sampling, self.eos_ids, prompt_len, self.settings.max_model_len)
         if generated:
             # Streamed tokens are committed already; the last one is the root of the next step.
             output.token_ids = list(generated)
             output.text = self.tokenizer.decode(output.token_ids, skip_special_tokens=True)
-            output.sent_chars = len(sent_text)
+            output.sent_chars = len(pending.sent_text)
         active = ActiveRequest(
             request=request,
-            message_id=message_id,
-            seq=seq,
+            message_id=pending.message_id,
+            seq=pending.job.seq,
             output=output,
             stats=DecodeStats(mode=self.settings.mode, accepted_per_pos=[0] * self.k),
-            admitted_at=admitted_at,
-            draft_address=draft_address,
-            draft_anchor=len(context) - 1,
+            admitted_at=pending.admitted_at,
+            draft_address=pending.draft_address,
+            draft_anchor=prompt_len + len(generated) - 1,
             fanout=self.new_fanout_policy(),
         )
         if generated:
-            active.first_token_at = admitted_at
-        if cancelled:
-            logger.info("request %s cancelled by the client during prefill", rid, extra={"request_id": rid})
-            self.finish(active, "abort", None)
-            return
-        if draft_address is not None:
-            active.drafts = self.await_draft(active, 0)
-        self.active.append(active)
-        metrics.REQUESTS_RUNNING.set(len(self.active))
+            active.first_token_at = pending.admitted_at
+        return active
 
     def reclaim_orphans(self) -> None:
         """Take over requests whose verify replica stopped heartbeating before it finished them.
@@ -308,7 +344,7 @@ class VerifyWorker:
         if time.monotonic() - self._reclaimed_at < RECLAIM_INTERVAL_S:
             return
         self._reclaimed_at = time.monotonic()
-        free = self.settings.max_num_seqs - len(self.active)
+        free = self.settings.max_num_seqs - len(self.active) - len(self.prefilling)
         if free <= 0:
             return
         pending = self.redis.xpending_range(self.stream, keys.REQUEST_GROUP, min="-", max="+", count=100)
@@ -339,12 +375,18 @@ class VerifyWorker:
             try:
                 self.reclaim_orphans()
                 self.admit()
+                self.advance_prefill()
                 self.step_batch()
             except redis.ConnectionError as exc:
                 logger.error("lost Redis: %s; retrying in 1 s", exc)
                 time.sleep(1.0)
         for active in list(self.active):
             self.hand_off(active)
+        for pending in self.prefilling:
+            logger.info("request %s left in prefill for another verify replica", pending.request.request_id, extra={"request_id": pending.request.request_id})
+            self.release_draft(pending.request.request_id, pending.draft_address)
+        self.prefilling.clear()
+        metrics.REQUESTS_PREFILLING.set(0)
 
     def fail_active(self, active: ActiveRequest, exc: Exception) -> None:
         """Fail one request after an error in its step; the others keep running."""
