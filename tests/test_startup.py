@@ -47,3 +47,27 @@ def test_missing_model_directory_is_reported(tmp_path):
     assert "nowhere" in result.stderr
     assert "saguaro-models" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_native_matmul_check_follows_torch():
+    import torch
+
+    from shared.modeling import cpu_has_native_matmul
+
+    assert cpu_has_native_matmul("float32")
+    assert cpu_has_native_matmul("bfloat16") == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_load_warns_without_native_bf16(native, tmp_path, monkeypatch, caplog):
+    import torch
+
+    from shared import modeling
+
+    target, _ = save_tiny_pair(tmp_path)
+    monkeypatch.setattr(modeling, "cpu_has_native_matmul", lambda dtype: native)
+    with caplog.at_level("WARNING", logger="saguaro.modeling"):
+        model = modeling.load_causal_lm(str(target), "bfloat16", torch.device("cpu"))
+    assert model.dtype == torch.bfloat16
+    warned = "no native bfloat16 matmul instructions" in caplog.text
+    assert warned == (not native)
