@@ -61,10 +61,32 @@ def test_miss_outcome_follows_the_backup():
         chooser.observe_jit(1, 0.25)
         chooser.observe_tokens("jit", 4)
         chooser.observe_tokens("none", 1)
-    tokens, stall = chooser.miss_outcome(1, "jit")
-    # A JIT backup commits what any drafted step commits, so the caller uses its own estimate.
-    assert tokens is None
+    # A JIT backup commits what any drafted step commits, the caller's estimate.
+    tokens, stall = chooser.miss_outcome(1, 3.4, "jit")
+    assert tokens == pytest.approx(3.4)
     assert stall == pytest.approx(0.25, abs=0.01)
-    assert chooser.miss_outcome(1, "none") == (pytest.approx(1.0, abs=0.05), 0.0)
-    # Auto picks what choose picks: here the JIT draft.
-    assert chooser.miss_outcome(1) == chooser.miss_outcome(1, "jit")
+    assert chooser.miss_outcome(1, 3.4, "none") == (pytest.approx(1.0, abs=0.05), 0.0)
+
+
+def test_miss_outcome_weighs_ngram_matches():
+    chooser = BackupChooser()
+    for _ in range(200):
+        chooser.observe_jit(1, 0.25)
+        chooser.observe_verify(0.4)
+        chooser.observe_tokens("ngram", 3)
+        chooser.observe_tokens("none", 1)
+    for lookup in range(200):
+        chooser.observe_ngram_lookup(lookup % 10 < 3)
+    found = chooser.ngram_found.value
+    assert found == pytest.approx(0.3, abs=0.1)
+    # With a match the free n-gram draft (3 tokens in 0.4 s) beats the JIT draft (3.4 in 0.65 s);
+    # without one the JIT draft beats a plain step (1 in 0.4 s).
+    assert chooser.choose(1, ngram_found=True) == "ngram"
+    assert chooser.choose(1, ngram_found=False) == "jit"
+    tokens, stall = chooser.miss_outcome(1, 3.4)
+    assert tokens == pytest.approx(found * 3.0 + (1 - found) * 3.4, rel=0.01)
+    assert stall == pytest.approx((1 - found) * 0.25, rel=0.02)
+    # A configured n-gram backup verifies the root alone when no match turns up.
+    tokens, stall = chooser.miss_outcome(1, 3.4, "ngram")
+    assert tokens == pytest.approx(found * 3.0 + (1 - found) * 1.0, rel=0.01)
+    assert stall == 0.0

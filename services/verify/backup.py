@@ -60,12 +60,15 @@ class BackupChooser:
     A JIT draft delays every request verified in the same batch. The JIT
     drafts of a step run as one batched draft request, whose time
     ``jit_cost`` fits against the requests in it. N-gram and none cost no
-    draft time. Expected committed tokens per step are measured per backup.
+    draft time. Expected committed tokens per step are measured per backup,
+    and so is how often a prompt lookup finds a match.
     """
 
     verify_s: Ema = field(default_factory=lambda: Ema(0.4))
     jit_cost: ForwardCost = field(default_factory=jit_cost_prior)
     tokens: dict[str, Ema] = field(default_factory=lambda: {"jit": Ema(3.0), "ngram": Ema(1.5), "none": Ema(1.0)})
+    # Share of prompt lookups after a miss that found an n-gram match.
+    ngram_found: Ema = field(default_factory=lambda: Ema(0.3, weight=0.05))
 
     def observe_verify(self, seconds: float) -> None:
         self.verify_s.update(seconds)
@@ -88,15 +91,29 @@ class BackupChooser:
         kinds = ["jit", "none"] + (["ngram"] if ngram_found else [])
         return max(kinds, key=lambda kind: self.rate(kind, batch_size))
 
-    def miss_outcome(self, batch_size: int, kind: str | None = None) -> tuple[float | None, float]:
+    def observe_ngram_lookup(self, found: bool) -> None:
+        """Record whether a prompt lookup after a miss found an n-gram match."""
+        self.ngram_found.update(1.0 if found else 0.0)
+
+    def miss_outcome(self, batch_size: int, drafted_tokens: float, kind: str | None = None) -> tuple[float, float]:
         """Return the tokens per request that the step after a miss commits, and the batch's wait for the backup in seconds.
 
-        ``kind`` is the configured backup, or None for the one ``choose`` picks without an n-gram match.
-        For a JIT backup the tokens are None: its drafts come from the same draft
-        as a cache branch's, so they commit as many tokens as a drafted step on
-        average. The JIT tokens measured here come only from steps after misses,
-        at the hard spots of a text, where any speculation commits fewer.
+        Both are expectations over the backups that can run: ``kind`` is the
+        configured backup, or None for the one ``choose`` picks. An n-gram match
+        turns up at the measured share of misses, and without one an ``ngram``
+        backup verifies the root alone (``none``). A JIT backup commits
+        ``drafted_tokens``, the caller's estimate for any drafted step, because its
+        drafts come from the same draft as a cache branch's. The JIT tokens
+        measured here come only from steps after misses, at the hard spots of a
+        text, where any speculation commits fewer.
         """
-        kind = kind or self.choose(batch_size, ngram_found=False)
-        tokens = None if kind == "jit" else self.tokens[kind].value
-        return tokens, self.stall_s(kind, batch_size)
+        found = self.ngram_found.value
+        if kind is None:
+            options = [(found, self.choose(batch_size, ngram_found=True)), (1.0 - found, self.choose(batch_size, ngram_found=False))]
+        elif kind == "ngram":
+            options = [(found, "ngram"), (1.0 - found, "none")]
+        else:
+            options = [(1.0, kind)]
+        tokens = sum(share * (drafted_tokens if option == "jit" else self.tokens[option].value) for share, option in options)
+        stall = sum(share * self.stall_s(option, batch_size) for share, option in options)
+        return tokens, stall

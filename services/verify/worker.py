@@ -38,7 +38,7 @@ from services.verify.backup import BackupChooser, Ema, jit_cost_prior, ngram_pro
 from services.verify.draft_client import DraftClient
 from services.verify.engine import PrefillJob, TargetEngine, TargetSequence
 from services.verify.output import OutputState
-from services.verify.scheduler import STEP_KINDS, ForwardCost, best_num_drafts, choose_step_kind, step_rates
+from services.verify.scheduler import STEP_KINDS, ForwardCost, best_num_drafts, choose_step_kind, expected_committed, step_rates
 from shared import keys, metrics
 from shared.config import Settings
 from shared.service import live_replicas
@@ -446,7 +446,7 @@ class VerifyWorker:
             self.hit_rate.value += HIT_RATE_RELAX * (HIT_RATE_PRIOR - self.hit_rate.value)
         kinds = STEP_KINDS if self.settings.mode == "ssd" else ("jit", "plain")
         backup = None if self.settings.backup == "auto" else self.settings.backup
-        miss_tokens, miss_stall_s = self.backups.miss_outcome(batch_size, backup)
+        miss_tokens, miss_stall_s = self.backups.miss_outcome(batch_size, expected_committed(self.acceptance.rate, limit), backup)
         rates = step_rates(
             batch_size, limit, self.acceptance.rate, self.hit_rate.value, self.forward_cost, self.build_cost, self.jit_cost, kinds, miss_tokens, miss_stall_s
         )
@@ -679,7 +679,10 @@ class VerifyWorker:
     def run_backup(self, active: ActiveRequest) -> list[int]:
         """Return the speculation for the step after a cache miss, from the configured or chosen backup."""
         policy = self.settings.backup
-        proposal = ngram_propose(active.committed(), self.k) if policy in ("auto", "ngram") else []
+        proposal = []
+        if policy in ("auto", "ngram"):
+            proposal = ngram_propose(active.committed(), self.k)
+            self.backups.observe_ngram_lookup(bool(proposal))
         kind = self.backups.choose(len(self.active), bool(proposal)) if policy == "auto" else policy
         if kind == "ngram" and not proposal:
             kind = "none"
