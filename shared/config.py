@@ -58,8 +58,8 @@ class Settings(BaseSettings):
     prefill_chunk_size: int = Field(
         256,
         ge=1,
-        description="prompt tokens per prefill forward; the verifier runs one chunk between two decode steps, so a long prompt "
-        "delays running requests by one chunk at a time (smaller: shorter delays, slower prefill)",
+        description="prompt tokens per prefill forward; the verify service runs one chunk between two decode steps and the draft "
+        "service one between two messages, so a long prompt delays running requests by one chunk at a time (smaller: shorter delays, slower prefill)",
     )
 
     # Decoding.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import uuid
@@ -19,8 +20,11 @@ from shared.protocol import (
     BuildCacheRequest,
     CacheEntry,
     CacheReady,
+    DraftReply,
+    DraftRequest,
     ErrorReply,
     PrefillRequest,
+    ReleaseRequest,
     ProposalParams,
     decode,
     encode,
@@ -229,19 +233,28 @@ def namespace(redis_client):
         redis_client.delete(*leftover)
 
 
-@pytest.fixture
-def draft_server(redis_client, namespace):
-    server = DraftServer(DraftEngine(noisy_draft(), torch.device("cpu")), redis_client, namespace, "tcp://127.0.0.1:0")
+@contextlib.contextmanager
+def serving(redis_client, namespace, **options):
+    """Run a draft server on a thread; yield it and a DEALER socket connected to it."""
+    server = DraftServer(DraftEngine(noisy_draft(), torch.device("cpu")), redis_client, namespace, "tcp://127.0.0.1:0", **options)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     socket = zmq.Context.instance().socket(zmq.DEALER)
     socket.setsockopt(zmq.LINGER, 0)
     socket.setsockopt(zmq.RCVTIMEO, 30_000)
     socket.connect(server.address)
-    yield server, socket
-    socket.close()
-    server.stopped.set()
-    thread.join(timeout=10)
+    try:
+        yield server, socket
+    finally:
+        socket.close()
+        server.stopped.set()
+        thread.join(timeout=10)
+
+
+@pytest.fixture
+def draft_server(redis_client, namespace):
+    with serving(redis_client, namespace) as pair:
+        yield pair
 
 
 PROMPTS = {"a": prompt(7, 3), "b": prompt(15, 5), "c": prompt(22, 9)}
@@ -330,3 +343,47 @@ def test_server_batch_with_duplicate_and_mixed_k(redis_client, namespace):
     assert len(c_keys) == sum(FANOUTS["c"])
     for key in c_keys:
         assert len(decode(redis_client.get(key)).tokens) == K - 1, key
+
+
+def test_server_prefills_long_prompt_between_messages(redis_client, namespace):
+    short, long = prompt(7, 3), prompt(41, 1)
+    with serving(redis_client, namespace, prefill_chunk=8) as (server, socket):
+        socket.send(encode(PrefillRequest(request_id="short", prompt_token_ids=short, k=0)))
+        # Six chunks of 8 tokens: the short request's draft is answered before the long prompt is done.
+        socket.send(encode(PrefillRequest(request_id="long", prompt_token_ids=long, k=K)))
+        socket.send(encode(DraftRequest(request_id="short", step=1, base_len=len(short) - 1, tokens=short[-1:], k=K)))
+        replies = receive(socket, 2)
+        assert [(type(r), r.request_id, r.step) for r in replies] == [(DraftReply, "short", 1), (DraftReply, "long", 0)]
+        assert server.engine.sequences["long"].ids[: len(long)] == long
+        assert server.pending == {}
+
+    reference = DraftEngine(noisy_draft(), torch.device("cpu"))
+    expected, _ = reference.draft(reference.prefill("long", long), K)
+    assert replies[1].tokens == expected
+
+
+def test_server_finishes_prefill_before_its_next_message(redis_client, namespace):
+    long = prompt(41, 1)
+    with serving(redis_client, namespace, prefill_chunk=8) as (server, socket):
+        socket.send(encode(PrefillRequest(request_id="long", prompt_token_ids=long, k=0)))
+        socket.send(encode(DraftRequest(request_id="long", step=1, base_len=len(long) - 1, tokens=long[-1:], k=K)))
+        [reply] = receive(socket, 1)
+        assert isinstance(reply, DraftReply), reply
+        assert reply.step == 1
+        assert server.engine.sequences["long"].ids[: len(long)] == long
+
+
+def test_server_drops_released_prefill(redis_client, namespace):
+    short, long = prompt(7, 3), prompt(41, 1)
+    with serving(redis_client, namespace, prefill_chunk=8) as (server, socket):
+        socket.send(encode(PrefillRequest(request_id="short", prompt_token_ids=short, k=0)))
+        socket.send(encode(PrefillRequest(request_id="long", prompt_token_ids=long, k=K)))
+        socket.send(encode(ReleaseRequest(request_id="long")))
+        socket.send(encode(DraftRequest(request_id="short", step=1, base_len=len(short) - 1, tokens=short[-1:], k=K)))
+        [reply] = receive(socket, 1)
+        assert (type(reply), reply.request_id) == (DraftReply, "short")
+        socket.setsockopt(zmq.RCVTIMEO, 500)
+        with pytest.raises(zmq.Again):
+            socket.recv()
+        assert "long" not in server.engine.sequences
+        assert server.pending == {}

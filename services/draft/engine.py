@@ -167,10 +167,19 @@ class DraftEngine:
 
     def prefill(self, request_id: str, prompt_ids: list[int]) -> DraftSequence:
         """Start a sequence with the KV of ``prompt_ids``."""
-        seq = self.new_sequence(request_id)
-        self.observe_tokens(prompt_ids)
+        seq = self.start_prefill(request_id, prompt_ids)
         self._extend(seq, prompt_ids)
         return seq
+
+    def start_prefill(self, request_id: str, prompt_ids: list[int]) -> DraftSequence:
+        """Start an empty sequence for ``prompt_ids``, which ``prefill_chunk`` then appends in parts."""
+        seq = self.new_sequence(request_id)
+        self.observe_tokens(prompt_ids)
+        return seq
+
+    def prefill_chunk(self, seq: DraftSequence, tokens: list[int]) -> None:
+        """Append the next part of a prompt started with ``start_prefill``."""
+        self._extend(seq, tokens)
 
     def sync(self, seq: DraftSequence, base_len: int, tokens: list[int]) -> None:
         """Make the sequence hold ``ids[:base_len] + tokens`` with KV and candidates for every token.

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     engine = DraftEngine(model, device, vocab)
-    server = DraftServer(engine, client, settings.namespace, settings.draft_bind)
+    server = DraftServer(engine, client, settings.namespace, settings.draft_bind, prefill_chunk=settings.prefill_chunk_size)
     replica_id = settings.replica_id or default_replica_id("draft")
     address = settings.draft_advertise or server.address
     started_at = now()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import dataclass
 
 import redis
 import zmq
@@ -38,9 +39,23 @@ class UnknownRequest(LookupError):
     pass
 
 
+@dataclass
+class PendingPrefill:
+    """A prompt the server prefills one chunk per loop turn, and the verify replica that waits for its reply."""
+
+    identity: bytes
+    message: PrefillRequest
+    seq: DraftSequence
+    started: float
+    done_tokens: int = 0
+
+
 class DraftServer:
-    def __init__(self, engine: DraftEngine, client: redis.Redis, namespace: str, bind: str):
+    def __init__(self, engine: DraftEngine, client: redis.Redis, namespace: str, bind: str, prefill_chunk: int = 256):
         self.engine = engine
+        # Prompts longer than this are prefilled in chunks of it, between the handling of other messages.
+        self.prefill_chunk = prefill_chunk
+        self.pending: dict[str, PendingPrefill] = {}
         self.redis = client
         self.namespace = namespace
         self.context = zmq.Context.instance()
@@ -54,21 +69,85 @@ class DraftServer:
         logger.info("draft service listening on %s", self.address)
 
     def serve_forever(self) -> None:
+        """Handle messages until stopped; long prompts advance one chunk after each message, or while none arrives."""
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
         while not self.stopped.is_set():
-            if not poller.poll(500):
+            received = poller.poll(0 if self.pending else 500)
+            if received:
+                identity, frame = self.socket.recv_multipart()
+                self.dispatch(identity, frame)
+            if self.pending:
+                self.advance_prefill()
+            elif not received:
                 self.evict_idle()
-                continue
-            identity, frame = self.socket.recv_multipart()
-            replies = self.handle_frame(frame)
-            if replies is None:
-                continue
-            if not isinstance(replies, list):
-                replies = [replies]
-            for reply in replies:
-                self.socket.send_multipart([identity, encode(reply)])
         self.socket.close()
+
+    def send(self, identity: bytes, replies) -> None:
+        if replies is None:
+            return
+        for reply in replies if isinstance(replies, list) else [replies]:
+            self.socket.send_multipart([identity, encode(reply)])
+
+    def dispatch(self, identity: bytes, frame: bytes) -> None:
+        """Handle one frame from ``identity`` now, or queue a long prompt's prefill."""
+        try:
+            message = decode(frame)
+        except ProtocolError as exc:
+            logger.error("dropping invalid frame: %s", exc)
+            return
+        if isinstance(message, PrefillRequest) and len(message.prompt_token_ids) > self.prefill_chunk:
+            self.queue_prefill(identity, message)
+            return
+        for request_id in self.request_ids(message):
+            pending = self.pending.get(request_id)
+            if pending is None:
+                continue
+            if isinstance(message, (ReleaseRequest, PrefillRequest)):
+                # The new message replaces the prefill; the verifier no longer waits for its reply.
+                del self.pending[request_id]
+            else:
+                # The message needs the whole prompt; finish it first, in order.
+                while request_id in self.pending:
+                    self.advance_prefill(request_id)
+        self.send(identity, self.handle_message(message))
+
+    def queue_prefill(self, identity: bytes, message: PrefillRequest) -> None:
+        metrics.DRAFT_REQUESTS.labels(message.type).inc()
+        request_id = message.request_id
+        self.pending.pop(request_id, None)
+        self.engine.release(request_id)
+        seq = self.engine.start_prefill(request_id, message.prompt_token_ids)
+        self.pending[request_id] = PendingPrefill(identity=identity, message=message, seq=seq, started=time.perf_counter())
+        metrics.DRAFT_SEQUENCES.set(len(self.engine.sequences))
+
+    def advance_prefill(self, request_id: str | None = None) -> None:
+        """Prefill the next chunk of ``request_id``'s prompt (default: the oldest queued), and reply once it is complete."""
+        pending = self.pending[request_id] if request_id is not None else next(iter(self.pending.values()))
+        message = pending.message
+        rid = message.request_id
+        prompt = message.prompt_token_ids
+        try:
+            end = min(pending.done_tokens + self.prefill_chunk, len(prompt))
+            self.engine.prefill_chunk(pending.seq, prompt[pending.done_tokens : end])
+            pending.done_tokens = end
+            if end < len(prompt):
+                return
+            del self.pending[rid]
+            reply = self.finish_prefill(pending.seq, message, pending.started)
+        except Exception as exc:  # one bad request must not stop the service
+            logger.exception("request %s: prefill failed", rid, extra={"request_id": rid})
+            self.pending.pop(rid, None)
+            self.engine.release(rid)
+            reply = ErrorReply(request_id=rid, code="internal", message=f"{type(exc).__name__}: {exc}")
+        metrics.DRAFT_SEQUENCES.set(len(self.engine.sequences))
+        self.send(pending.identity, reply)
+
+    @staticmethod
+    def request_ids(message) -> list[str]:
+        if isinstance(message, (BuildCacheBatch, DraftBatch)):
+            return [request.request_id for request in message.requests]
+        return [getattr(message, "request_id", "")]
 
     def handle_frame(self, frame: bytes):
         """Decode and handle one frame; return its reply, a list of replies (``BuildCacheBatch``, ``DraftBatch``) or None."""
@@ -77,11 +156,12 @@ class DraftServer:
         except ProtocolError as exc:
             logger.error("dropping invalid frame: %s", exc)
             return None
+        return self.handle_message(message)
+
+    def handle_message(self, message):
+        """Handle one decoded message; return its reply, a list of replies or None."""
         batched = isinstance(message, (BuildCacheBatch, DraftBatch))
-        if batched:
-            request_ids = [request.request_id for request in message.requests]
-        else:
-            request_ids = [getattr(message, "request_id", "")]
+        request_ids = self.request_ids(message)
         request_id = ",".join(request_ids)
         metrics.DRAFT_REQUESTS.labels(message.type).inc()
         try:
@@ -127,11 +207,14 @@ class DraftServer:
         return seq
 
     def prefill(self, message: PrefillRequest):
-        # NOTE: the whole prompt is prefilled before the next message, so a long prompt delays the
-        # cache builds of running requests by its draft prefill (the verifier splits its own prefill).
+        """Prefill a whole prompt now; ``serve_forever`` queues prompts longer than one chunk instead."""
         started = time.perf_counter()
         self.engine.release(message.request_id)
         seq = self.engine.prefill(message.request_id, message.prompt_token_ids)
+        return self.finish_prefill(seq, message, started)
+
+    def finish_prefill(self, seq: DraftSequence, message: PrefillRequest, started: float) -> DraftReply | None:
+        """Return the first speculation of a prefilled request, or None when the verifier asked for none (k = 0)."""
         seq.proposal = message.proposal
         if message.k == 0:
             return None
