@@ -13,15 +13,13 @@ Writes ``bench/results/<name>.json`` and ``bench/results/<name>.md``.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import shlex
 import sys
 import time
 import uuid
 from pathlib import Path
 
-from bench.run_bench import ROOT, load_prompt_ids, machine_description
+from bench.run_bench import ROOT, command_line, load_prompt_ids, machine_description, write_results
 
 logger = logging.getLogger("saguaro.bench")
 
@@ -133,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     reference = solo.get("ar")
     result = {
         "name": args.name,
-        "command": "python -m bench.concurrency " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
+        "command": command_line("bench.concurrency", argv),
         "machine": machine_description(),
         "prompt_set": args.prompt_set,
         "num_prompts": len(prompts),
@@ -143,10 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
         "all_equal_ar_solo": all(row["outputs"] == reference for row in rows) if reference is not None else None,
     }
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{args.name}.json").write_text(json.dumps(result, indent=1))
-    (out_dir / f"{args.name}.md").write_text(render_markdown(result))
+    write_results(Path(args.out_dir), args.name, result, render_markdown(result))
     print(render_markdown(result))
     return 0
 

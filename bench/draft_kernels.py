@@ -17,11 +17,12 @@ Writes ``bench/results/<name>.md`` and ``.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 from pathlib import Path
+
+from bench.run_bench import command_line, write_results
 
 ROOT = Path(__file__).resolve().parent.parent
 CONTEXT = 400
@@ -144,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
             del model
         linears = time_linears(repeats=20 * args.repeats)
 
-    command = "python -m bench.draft_kernels " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = command_line("bench.draft_kernels", argv)
     kernel_names = list(next(iter(linears.values())))
     lines = [
         "# Draft forward and linear kernels by weight format",
@@ -170,8 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     for shape, times in linears.items():
         lines.append(f"| {shape} | " + " | ".join(f"{times[name]:.0f}" for name in kernel_names) + " |")
     out = ROOT / "bench" / "results"
-    (out / f"{args.name}.json").write_text(json.dumps({"command": command, "forwards_ms": forwards, "linears_us": linears}, indent=1))
-    (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    write_results(out, args.name, {"command": command, "forwards_ms": forwards, "linears_us": linears}, "\n".join(lines))
     print("\n".join(lines))
     return 0
 

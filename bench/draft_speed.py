@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench.run_bench import command_line, write_results
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -131,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             results[label] = time_builds(DraftEngine(model, device, vocab), prompts, k, fanout, args.steps, client, "draft-speed")
         del model
 
-    command = "python -m bench.draft_speed " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = command_line("bench.draft_speed", argv)
     lines = [
         "# Draft cache-build time by phase",
         "",
@@ -148,8 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             f"| {label} | {phases['glue']:.1f} | {phases['fork']:.2f} | {phases['tree']:.1f} | {phases['publish']:.2f} | {total:.1f} | {phases['output_layer']:.1f} |"
         )
     out = ROOT / "bench" / "results"
-    (out / f"{args.name}.json").write_text(json.dumps({"command": command, "results": results}, indent=1))
-    (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    write_results(out, args.name, {"command": command, "results": results}, "\n".join(lines))
     print("\n".join(lines))
     return 0
 

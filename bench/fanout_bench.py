@@ -24,6 +24,8 @@ import sys
 import uuid
 from pathlib import Path
 
+from bench.run_bench import command_line
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -175,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             outputs.append(output)
 
-    command = "python -m bench.fanout_bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = command_line("bench.fanout_bench", argv)
     result = {
         "command": command.strip(),
         "machine": machine_description(),

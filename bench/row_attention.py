@@ -13,11 +13,11 @@ Writes ``bench/results/<name>.md`` and ``.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from bench.draft_kernels import median_ms
+from bench.run_bench import command_line, write_results
 
 ROOT = Path(__file__).resolve().parent.parent
 CONTEXT = 300
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             timings[label] = time_cases(TargetEngine(model, device, batch_invariant=invariant), args.repeats)
             del model
 
-    command = "python -m bench.row_attention " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = command_line("bench.row_attention", argv)
     lines = [
         "# Target decode forwards: row attention against SDPA",
         "",
@@ -90,8 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         base, rows = timings["sdpa"][case], timings["row attention"][case]
         lines.append(f"| {case} | {base:.1f} | {rows:.1f} | {100 * (rows / base - 1):+.1f}% |")
     out = ROOT / "bench" / "results"
-    (out / f"{args.name}.json").write_text(json.dumps({"command": command, "context": CONTEXT, "forwards_ms": timings}, indent=1))
-    (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    write_results(out, args.name, {"command": command, "context": CONTEXT, "forwards_ms": timings}, "\n".join(lines))
     print("\n".join(lines))
     return 0
 

@@ -46,6 +46,19 @@ def machine_description() -> str:
     return f"{model}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python {platform.python_version()}, torch {torch.__version__}"
 
 
+def command_line(module: str, argv: list[str] | None) -> str:
+    """Return the shell command that ran ``module`` with ``argv`` (default: this process's arguments)."""
+    args = argv if argv is not None else sys.argv[1:]
+    return f"python -m {module} " + " ".join(shlex.quote(arg) for arg in args)
+
+
+def write_results(out_dir: Path, name: str, data: dict, markdown: str) -> None:
+    """Write a benchmark's ``<name>.json`` and ``<name>.md`` into ``out_dir``, creating it if needed."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{name}.json").write_text(json.dumps(data, indent=1))
+    (out_dir / f"{name}.md").write_text(markdown if markdown.endswith("\n") else markdown + "\n")
+
+
 def load_prompts(name: str, count: int) -> list[str]:
     path, field = PROMPT_SETS[name]
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -320,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     saguaro_outputs = [[r["tokens"] for r in run["requests"]] for run in runs if run["label"] != "hf-assisted"]
     result = {
         "name": name,
-        "command": "python -m bench.run_bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
+        "command": command_line("bench.run_bench", argv),
         "machine": machine_description(),
         "placement": (
             f"verify on CPU {verify_cpus or 'any'}, draft on CPU {draft_cpus or 'any'}, one torch thread each; HF assisted on CPU {verify_cpus or 'any'}"
@@ -340,8 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         "ratios": ratios,
         "outputs_identical": all(outputs == saguaro_outputs[0] for outputs in saguaro_outputs) if saguaro_outputs else None,
     }
-    (out_dir / f"{name}.json").write_text(json.dumps(result, indent=1))
-    (out_dir / f"{name}.md").write_text(render_markdown(result))
+    write_results(out_dir, name, result, render_markdown(result))
     print(render_markdown(result))
     return 0
 
