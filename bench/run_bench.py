@@ -159,14 +159,14 @@ def mode_settings(mode: str, args) -> tuple[str, dict[str, str]]:
     return label, env
 
 
-def run_hf_assisted(target_dir: str, draft_dir: str, prompts: list[list[int]], max_tokens: int, cpus: str, threads: int = 1) -> dict:
+def run_hf_assisted(target_dir: str, draft_dir: str, prompts: list[list[int]], max_tokens: int, cpus: str, dtype: str, threads: int = 1) -> dict:
     import torch
 
     from shared.modeling import load_causal_lm, place_process
 
     device = place_process("cpu", threads, cpus)
-    target = load_causal_lm(target_dir, "bfloat16", device)
-    draft = load_causal_lm(draft_dir, "bfloat16", device)
+    target = load_causal_lm(target_dir, dtype, device)
+    draft = load_causal_lm(draft_dir, dtype, device)
     requests = []
     for index, prompt_ids in enumerate(prompts):
         ids = torch.tensor([prompt_ids])
@@ -235,7 +235,7 @@ def render_markdown(result: dict) -> str:
         f"- prompts: {result['num_prompts']} from {result['prompt_set']}, {result['max_tokens']} new tokens each (EOS ignored), "
         + ("greedy" if result.get("temperature", 0.0) == 0.0 else f"temperature {result['temperature']}, seed = prompt index"),
         f"- placement: {result['placement']}",
-        f"- models: target `{result['target_model']}` (bfloat16), draft `{result['draft_model']}` ({result['draft_precision']})",
+        f"- models: target `{result['target_model']}` ({result.get('target_dtype', 'bfloat16')}), draft `{result['draft_model']}` ({result['draft_precision']})",
         f"- started {result['started']}, took {result['elapsed_s'] / 60:.1f} min",
         "",
         "| mode | tokens/s (end to end) | decode tokens/s | vs AR (decode) | mean acceptance length | cache hit rate | verify ms/step | draft wait ms/step | cache build ms/step | TTFT s |",
@@ -291,10 +291,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    import torch
+
     from services.launcher import default_cpu_split
     from shared.config import Settings
+    from shared.modeling import resolve_dtype
 
     settings = Settings()
+    # The services resolve "auto" the same way on the CPU, so HF assisted generation runs in the dtype they serve.
+    target_dtype = resolve_dtype(settings.dtype, torch.device("cpu"))
     prompts = load_prompt_ids(args.prompt_set, args.num_prompts)
     verify_cpus, draft_cpus = default_cpu_split()
     name = args.name or f"{args.prompt_set}-{time.strftime('%Y%m%d-%H%M')}"
@@ -311,9 +316,9 @@ def main(argv: list[str] | None = None) -> int:
                 logger.warning("skipping Hugging Face assisted generation: it runs greedy only here")
                 continue
             if args.hardware == "same-total":
-                runs.append(run_hf_assisted(settings.target_model, settings.draft_model, prompts, args.max_tokens, "0-1", threads=2))
+                runs.append(run_hf_assisted(settings.target_model, settings.draft_model, prompts, args.max_tokens, "0-1", target_dtype, threads=2))
             else:
-                runs.append(run_hf_assisted(settings.target_model, settings.draft_model, prompts, args.max_tokens, verify_cpus))
+                runs.append(run_hf_assisted(settings.target_model, settings.draft_model, prompts, args.max_tokens, verify_cpus, target_dtype))
             continue
         label, env = mode_settings(mode, args)
         runs.append(run_saguaro_mode(label, env, prompts, args.max_tokens, log_dir, args.temperature))
@@ -349,8 +354,9 @@ def main(argv: list[str] | None = None) -> int:
         "max_tokens": args.max_tokens,
         "temperature": args.temperature,
         "target_model": settings.target_model,
+        "target_dtype": target_dtype,
         "draft_model": settings.draft_model,
-        "draft_precision": "int8 dynamic quantization" if settings.draft_quantization == "int8" else settings.dtype,
+        "draft_precision": "int8 dynamic quantization" if settings.draft_quantization == "int8" else target_dtype,
         "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
         "elapsed_s": time.time() - started,
         "runs": runs,

@@ -16,7 +16,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DecodeMode = Literal["ar", "sd", "ssd"]
-DType = Literal["bfloat16", "float16", "float32"]
+DType = Literal["auto", "bfloat16", "float16", "float32"]
 
 
 def default_model_dir() -> Path:
@@ -36,7 +36,11 @@ class Settings(BaseSettings):
     target_model: str = Field(str(default_model_dir() / "qwen2.5-coder-1.5b-instruct"), description="Hugging Face causal-LM directory of the target model")
     draft_model: str = Field(str(default_model_dir() / "qwen2.5-coder-0.5b-instruct"), description="Hugging Face causal-LM directory of the draft model")
     served_model_name: str = Field("", description="model id shown by /v1/models; empty means the target directory's name")
-    dtype: DType = Field("bfloat16", description="weight and activation dtype of both models")
+    dtype: DType = Field(
+        "auto",
+        description="weight and activation dtype of both models; auto means bfloat16 on GPUs and on CPUs with native bf16 matmuls "
+        "(AVX512-BF16 or AMX), float32 on other CPUs",
+    )
     draft_quantization: Literal["none", "int8"] = Field(
         "int8",
         description="int8: dynamic int8 quantization of the draft's linear layers on CPU (about 3x faster on this kind of machine); "

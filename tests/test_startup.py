@@ -71,3 +71,31 @@ def test_load_warns_without_native_bf16(native, tmp_path, monkeypatch, caplog):
     assert model.dtype == torch.bfloat16
     warned = "no native bfloat16 matmul instructions" in caplog.text
     assert warned == (not native)
+
+
+def test_auto_dtype_follows_native_bf16(monkeypatch):
+    import torch
+
+    from shared import modeling
+
+    cpu = torch.device("cpu")
+    assert modeling.resolve_dtype("float16", cpu) == "float16"
+    monkeypatch.setattr(modeling, "cpu_has_native_matmul", lambda dtype: True)
+    assert modeling.resolve_dtype("auto", cpu) == "bfloat16"
+    monkeypatch.setattr(modeling, "cpu_has_native_matmul", lambda dtype: False)
+    assert modeling.resolve_dtype("auto", cpu) == "float32"
+    assert modeling.resolve_dtype("bfloat16", cpu) == "bfloat16"
+
+
+def test_auto_dtype_loads_float32_without_native_bf16(tmp_path, monkeypatch, caplog):
+    import torch
+
+    from shared import modeling
+
+    target, _ = save_tiny_pair(tmp_path)
+    monkeypatch.setattr(modeling, "cpu_has_native_matmul", lambda dtype: dtype != "bfloat16")
+    with caplog.at_level("INFO", logger="saguaro.modeling"):
+        model = modeling.load_causal_lm(str(target), "auto", torch.device("cpu"))
+    assert model.dtype == torch.float32
+    assert "dtype auto: loading tiny-target in float32" in caplog.text
+    assert "no native" not in caplog.text
