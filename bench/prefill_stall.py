@@ -61,7 +61,7 @@ def run_chunk_size(chunk: int, running_prompt: list[int], long_prompt: list[int]
             raise RuntimeError(f"a request failed: {long_result.error or running_result.error}")
         running_ms = stream_times_ms(client, namespace, running)
         long_first_ms = stream_times_ms(client, namespace, long_id)[0]
-    logger.info("chunk %d: running request streamed from %.1f s", chunk, first)
+    logger.info("chunk %d: the running request streamed its first token after %.1f s", chunk, first)
     gaps_in = [b - a for a, b in zip(running_ms, running_ms[1:]) if b > submitted_ms and a < long_first_ms]
     gaps_out = [b - a for a, b in zip(running_ms, running_ms[1:]) if b <= submitted_ms or a >= long_first_ms]
     if running_ms[-1] < long_first_ms:
