@@ -16,7 +16,8 @@ Continuous batching: every step runs one target forward for all running
 requests (up to ``max_num_seqs``), each with its own KV cache, positions and
 sampling parameters (``shared.packing``). Requests join and leave between
 steps. A new request's prompt is prefilled one chunk per loop turn, between
-two decode steps, so the running requests keep streaming meanwhile. The number of drafts each request verifies follows the batch size
+two decode steps, so the running requests keep streaming meanwhile. The
+number of drafts each request verifies follows the batch size
 (``services.verify.scheduler``). The draft builds the caches of all requests
 of a step, or drafts for all of them (SD steps and JIT backups), in one
 batched request per draft replica. In SSD mode each step picks its kind of
