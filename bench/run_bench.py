@@ -106,6 +106,7 @@ def run_saguaro_mode(label: str, env: dict[str, str], prompts: list[list[int]], 
                 "wall_s": wall,
                 "ttft_s": stats.ttft_s,
                 "decode_s": stats.decode_s,
+                "first_step_tokens": stats.first_step_tokens,
                 "steps": stats.steps,
                 "accepted_tokens": stats.accepted_tokens,
                 "drafted_tokens": stats.drafted_tokens,
@@ -117,7 +118,8 @@ def run_saguaro_mode(label: str, env: dict[str, str], prompts: list[list[int]], 
                 "hit_wait_s": stats.hit_wait_s,
                 "cache_build_s": getattr(stats, "cache_build_s", 0.0),
             })
-            logger.info("%s prompt %d: %.2f tokens/s decode, %d steps", label, index, (len(result.token_ids) - 1) / max(stats.decode_s, 1e-9), stats.steps)
+            decoded = len(result.token_ids) - max(stats.first_step_tokens, 1)
+            logger.info("%s prompt %d: %.2f tokens/s decode, %d steps", label, index, decoded / max(stats.decode_s, 1e-9), stats.steps)
     return summarize(label, requests)
 
 
@@ -200,7 +202,8 @@ def summarize(label: str, requests: list[dict]) -> dict:
         "requests": requests,
         "completion_tokens": completion,
         "tokens_per_s": completion / wall,
-        "decode_tokens_per_s": sum(r["completion_tokens"] - 1 for r in requests) / decode,
+        # Tokens after the first step (after the first token for HF assisted generation), over the time after it.
+        "decode_tokens_per_s": sum(r["completion_tokens"] - max(r.get("first_step_tokens", 1), 1) for r in requests) / decode,
         "mean_ttft_s": sum(r["ttft_s"] for r in requests) / len(requests),
     }
     if steps:

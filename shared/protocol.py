@@ -97,6 +97,9 @@ class DecodeStats(_Message):
     cache_hits: int = 0
     cache_misses: int = 0
     ttft_s: float = 0.0
+    # Tokens the first step committed; decoding speed counts the tokens after them (0: unknown, after a takeover).
+    first_step_tokens: int = 0
+    # Time from the first step's tokens to the finish.
     decode_s: float = 0.0
     verify_s: float = 0.0
     wait_draft_s: float = 0.0

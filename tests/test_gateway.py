@@ -709,3 +709,21 @@ def test_many_concurrent_streams(gateway_factory, tiny_tokenizer, redis_client):
     for seed, text in results:
         assert text == script_text(seed % len(SCRIPT), 6)
     assert redis_client.scard(keys.inflight(settings.namespace)) == 0
+
+
+def test_decode_speed_counts_tokens_after_first_step():
+    from services.gateway.engine_client import ChoiceResult
+    from services.gateway.openai_api import decode_summary
+    from shared.protocol import DecodeStats
+
+    def choice(index: int, completion: int, steps: int, first_step: int, decode_s: float) -> ChoiceResult:
+        stats = DecodeStats(mode="ssd", steps=steps, first_step_tokens=first_step, decode_s=decode_s)
+        return ChoiceResult(index=index, request_id=f"r{index}", completion_tokens=completion, stats=stats)
+
+    # 20 tokens: 5 in the first step, 15 in the 2 s after it; 10 tokens: 3 first, 7 in 1.5 s.
+    summary = decode_summary([choice(0, 20, 6, 5, 2.0), choice(1, 10, 3, 3, 1.5)])
+    assert summary["decode_tokens_per_s"] == pytest.approx(22 / 3.5)
+    # Every token came in the first step: no decoding speed, however short the time after it.
+    assert decode_summary([choice(0, 4, 1, 4, 0.0003)])["decode_tokens_per_s"] is None
+    # Stats without the first step's size (a request taken over from another replica) count one token.
+    assert decode_summary([choice(0, 11, 4, 0, 2.0)])["decode_tokens_per_s"] == pytest.approx(5.0)

@@ -112,6 +112,12 @@ def test_greedy_equals_target_greedy(stack, reference):
         result = generate(client, ns, prompt, temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
         assert result.finish is not None, result.error
         assert result.token_ids == expected
+        # The first step commits the root's successor plus the drafts it accepts (K = 3 here).
+        first_step = result.finish.stats.first_step_tokens
+        if stack.env["SAGUARO_MODE"] == "ar":
+            assert first_step == 1
+        else:
+            assert 1 <= first_step <= 4
 
 
 def test_gateway_text_equals_reference(stack, reference):

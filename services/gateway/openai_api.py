@@ -127,6 +127,8 @@ def decode_summary(choices: list[ChoiceResult]) -> dict | None:
     misses = sum(s.cache_misses for s in stats)
     completion = sum(choice.completion_tokens for choice in choices)
     decode_s = sum(s.decode_s for s in stats)
+    # The first step's tokens arrive together, before decoding time starts.
+    decoded = completion - sum(max(s.first_step_tokens, 1) for s in stats)
     return {
         "mode": stats[0].mode,
         "steps": steps,
@@ -136,7 +138,7 @@ def decode_summary(choices: list[ChoiceResult]) -> dict | None:
         "cache_misses": misses,
         "cache_hit_rate": hits / (hits + misses) if hits + misses else None,
         "ttft_s": max(s.ttft_s for s in stats),
-        "decode_tokens_per_s": (completion - len(stats)) / decode_s if decode_s > 0 else None,
+        "decode_tokens_per_s": decoded / decode_s if decoded > 0 and decode_s > 0 else None,
     }
 
 

@@ -514,7 +514,7 @@ class VerifyWorker:
                 break
         if active.first_token_at is None:
             active.first_token_at = time.time()
-            active.stats = active.stats.model_copy(update={"ttft_s": active.first_token_at - active.admitted_at})
+            active.stats = active.stats.model_copy(update={"ttft_s": active.first_token_at - active.admitted_at, "first_step_tokens": len(committed)})
             metrics.TIME_TO_FIRST_TOKEN.observe(active.stats.ttft_s)
         metrics.GENERATION_TOKENS.inc(len(committed))
         self.emit(active, committed, result.logprobs[: len(committed)] if result.logprobs else None)
