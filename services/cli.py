@@ -71,12 +71,17 @@ def serve_main(argv: list[str]) -> int:
     finally:
         print("stopping services", flush=True)
         stack.stop()
+        print("services stopped", flush=True)
     return 0
 
 
 def _add_stack_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", choices=["ar", "sd", "ssd"], help="decoding mode (default: ssd)")
-    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="model dtype (default: bfloat16)")
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", "bfloat16", "float16", "float32"],
+        help="model dtype (default: auto, bfloat16 where the GPU or CPU computes it natively, else float32)",
+    )
     parser.add_argument("--target-model", help="target model directory (default: the Qwen2.5-Coder-1.5B-Instruct build)")
     parser.add_argument("--draft-model", help="draft model directory (default: the Qwen2.5-Coder-0.5B-Instruct build)")
     parser.add_argument("--num-speculative-tokens", type=int, help="K, draft tokens per step")
@@ -127,12 +132,15 @@ def _print_demo_result(task_id: str, prompt: str, body: dict, elapsed: float) ->
     print(f"{task_id}  ({usage['prompt_tokens']} prompt tokens)")
     print("-" * 78)
     print(prompt.rstrip("\n"))
+    print("-" * 30 + " completion " + "-" * 36)
     print(text)
     print("-" * 78)
     line = f"{usage['completion_tokens']} tokens in {elapsed:.1f} s"
     if stats:
+        speed = stats.get("decode_tokens_per_s")
+        # None when every token came in the first step.
+        line += f" | decode {speed:.2f} tokens/s" if speed is not None else " | decode speed not measured"
         line += (
-            f" | decode {stats.get('decode_tokens_per_s', 0):.2f} tokens/s"
             f" | mode {stats.get('mode')}"
             f" | mean acceptance length {stats.get('mean_acceptance_length', 0):.2f}"
         )

@@ -174,3 +174,23 @@ def test_cli_unknown_command_exits_two(capsys):
 
     assert main(["bogus"]) == 2
     assert "unknown command 'bogus'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("speed", [12.5, None])
+def test_demo_result_marks_completion(speed, capsys):
+    from services.cli import _print_demo_result
+
+    body = {
+        "choices": [{"text": "    return a + b\n"}],
+        "usage": {"prompt_tokens": 9, "completion_tokens": 6},
+        "saguaro": {"mode": "ssd", "decode_tokens_per_s": speed, "mean_acceptance_length": 3.0, "cache_hit_rate": 0.5},
+    }
+    _print_demo_result("HumanEval/0", "def add(a, b):\n", body, elapsed=1.5)
+    lines = capsys.readouterr().out.splitlines()
+    marker = next(i for i, line in enumerate(lines) if "completion" in line and line.startswith("---"))
+    assert lines[marker - 1] == "def add(a, b):"
+    assert lines[marker + 1] == "    return a + b"
+    summary = lines[-1]
+    assert summary.startswith("6 tokens in 1.5 s")
+    assert ("decode 12.50 tokens/s" if speed else "decode speed not measured") in summary
+    assert "cache hit rate 50%" in summary
