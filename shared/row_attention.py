@@ -7,9 +7,12 @@ or packed with other requests' tokens. In bf16 the bits differ by default, for
 two reasons:
 
 - torch 2.13's CPU matmul kernels round a row of a linear layer differently
-  when it is the only row (M = 1) than when other rows come with it. From two
-  rows up, a row's result does not depend on how many rows there are or on
-  where the row sits among them. So the target pads one-row forwards to two.
+  when the forward has few rows. Above a kernel-specific row count, a row's
+  result does not depend on how many rows there are or on where the row sits
+  among them: from 2 rows for bf16 with AVX512-BF16 (oneDNN), from 4 for fp32
+  with AVX2 (MKL), and from 1 for bf16 without native bf16 instructions, on the
+  machines this was measured on. ``min_invariant_rows`` measures that count for
+  the model's own layers at start-up, and the target pads smaller forwards to it.
 - SDPA's fused attention splits the keys into blocks whose boundaries depend on
   the query and key counts and, in a packed batch, on where a sequence's keys
   lie. Its online softmax then rounds differently.
@@ -20,10 +23,9 @@ inputs of that computation are then the same in every kind of forward, and so
 is its result. The caller describes the rows with ``Segment`` objects passed in
 ``attention_plan``. A forward run without a plan (prefill) uses SDPA.
 
-NOTE: the kernel behaviour above was checked with torch 2.13 on an AMD EPYC CPU
-with AVX512-BF16 (``tests/test_row_attention.py`` checks it on the machine that
-runs it). Other kernels, such as cuBLAS, may round a row differently with other
-row counts even from two rows up.
+NOTE: the probe tries the row counts in ``PROBE_ROWS``; a forward with more rows
+is assumed to round like the largest of them. Kernels such as cuBLAS may pick
+other algorithms for other row counts, so the probe runs only on CPUs.
 """
 
 from __future__ import annotations
@@ -36,6 +38,13 @@ from dataclasses import dataclass
 import torch
 
 IMPLEMENTATION = "saguaro_rows"
+# Row counts ``min_invariant_rows`` tries: every count up to 24, where kernels switch paths (with two
+# threads, MKL's fp32 kernel on AVX2 rounded the tail rows of 5 to 11-row forwards differently), then
+# larger steps up to a packed verification of 8 requests with K = 4 (40 rows) and beyond.
+PROBE_ROWS = tuple(range(1, 25)) + (32, 40, 48, 64)
+# Output features a probe uses at most per layer, so that probing the output layer takes about a second.
+# NOTE: this assumes that a kernel rounds a row the same way for every output-feature count above it.
+PROBE_MAX_FEATURES = 8192
 
 
 @dataclass(frozen=True)
@@ -119,3 +128,43 @@ def install(model) -> None:
     # Forwards without a plan build the same masks as SDPA.
     AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
     model.set_attn_implementation(IMPLEMENTATION)
+
+
+@torch.inference_mode()
+def min_invariant_rows(model, rows: Sequence[int] = PROBE_ROWS) -> int | None:
+    """Return the fewest rows from which every linear layer of ``model`` computes a row the same way, or None.
+
+    For each distinct layer shape and dtype the probe multiplies random inputs
+    with the layer's weight at every count in ``rows``, once with the probed
+    row first and once with it last, because multithreaded kernels may treat
+    the tail rows of a forward differently. A forward with at least the returned
+    number of rows then gives each row the same bits at any larger probed count
+    and position, with the current torch thread count. None means that no
+    probed count qualifies.
+    """
+    layers = {}
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            layers.setdefault((module.in_features, module.out_features, module.weight.dtype), module)
+    generator = torch.Generator().manual_seed(0)
+    needed = 1
+    for (in_features, _, dtype), layer in layers.items():
+        weight = layer.weight[:PROBE_MAX_FEATURES]
+        bias = None if layer.bias is None else layer.bias[:PROBE_MAX_FEATURES]
+        x = torch.randn(max(rows), in_features, generator=generator).to(dtype=dtype, device=weight.device)
+        reference = torch.nn.functional.linear(x[: rows[-1]], weight, bias)[0]
+
+        def same_at(count: int) -> bool:
+            first = torch.nn.functional.linear(x[:count], weight, bias)[0]
+            last = torch.nn.functional.linear(torch.cat([x[1:count], x[:1]]), weight, bias)[-1]
+            return torch.equal(first, reference) and torch.equal(last, reference)
+
+        if not same_at(rows[-1]):
+            return None
+        start = len(rows) - 1
+        while start > 0 and same_at(rows[start - 1]):
+            start -= 1
+        if start == len(rows) - 1:
+            return None
+        needed = max(needed, rows[start])
+    return needed

@@ -6,13 +6,15 @@ the K + 1 positions after r (see ``shared.sampling`` for how they are drawn).
 After j drafts are accepted the KV of ``r, s1..sj`` is kept and the rest dropped.
 
 With ``batch_invariant`` (the default) every decode forward runs under row
-attention (``shared.row_attention``) with at least two query rows, so a position
-gets the same logits in an AR step, a verification and a packed batch, in bf16 too.
+attention (``shared.row_attention``) with at least as many query rows as the
+CPU's matmul kernels need to round every row alike, so a position gets the same
+logits in an AR step, a verification and a packed batch, in bf16 too.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -24,6 +26,8 @@ from shared.modeling import crop_cache
 from shared.packing import PackedBatch
 from shared.protocol import Proposal, SamplingParams
 from shared.sampling import accept_prefix, logprobs_of, sample_positions, verify_with_proposals
+
+logger = logging.getLogger("saguaro.verify")
 
 
 @dataclass
@@ -83,8 +87,21 @@ class TargetEngine:
         self.device = device
         self.prefill_chunk = prefill_chunk
         self.batch_invariant = batch_invariant
+        # Fewest query rows a decode forward runs with: below it the matmul kernels round a row differently.
+        self.min_rows = 1
         if batch_invariant:
             row_attention.install(model)
+            rows = row_attention.min_invariant_rows(model) if device.type == "cpu" else 2
+            if rows is None:
+                logger.warning(
+                    "batch invariance unavailable: this CPU's %s matmul kernels round a row differently at every probed row count, "
+                    "so greedy output may depend on the mode and the batch; SAGUARO_BATCH_INVARIANT=false skips the row-by-row attention",
+                    next(model.parameters()).dtype,
+                )
+                rows = 1
+            elif rows > 1:
+                logger.info("batch invariance: decode forwards run with at least %d query rows, from which this CPU's matmul kernels round every row alike", rows)
+            self.min_rows = rows
 
     @torch.inference_mode()
     def _forward(self, seq: TargetSequence, tokens: list[int], start: int, logits: bool = True) -> torch.Tensor | None:
@@ -96,10 +113,10 @@ class TargetEngine:
         positions = list(range(start, start + count))
         plan = contextlib.nullcontext()
         if self.batch_invariant:
-            if count == 1:
-                # A one-row matmul takes another kernel path and rounds differently, so a copy of
-                # the token runs as a second row. Its logits and KV are dropped below.
-                tokens, positions = tokens * 2, positions * 2
+            # Fewer rows take other kernel paths that round differently, so copies of the last
+            # token pad the forward. Their logits and KV are dropped below.
+            pad = max(0, self.min_rows - count)
+            tokens, positions = tokens + tokens[-1:] * pad, positions + positions[-1:] * pad
             plan = row_attention.attention_plan([row_attention.Segment(0, len(tokens), prefix=start)])
         input_ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
         position_ids = torch.tensor([positions], dtype=torch.long, device=self.device)
@@ -122,10 +139,22 @@ class TargetEngine:
         if len(seqs) == 1:
             return [self._forward(seqs[0], token_lists[0], len(seqs[0].ids))]
         batch = PackedBatch(self.model, [seq.cache for seq in seqs])
-        positions = [list(range(len(seq.ids), len(seq.ids) + len(tokens))) for seq, tokens in zip(seqs, token_lists)]
+        counts = [len(tokens) for tokens in token_lists]
+        positions = [list(range(len(seq.ids), len(seq.ids) + count)) for seq, count in zip(seqs, counts)]
+        total = sum(counts)
+        pad = max(0, self.min_rows - total) if self.batch_invariant and total else 0
+        if pad:
+            # As in ``_forward``: copies of a sequence's last token, dropped from its logits and cache.
+            last = max(i for i, count in enumerate(counts) if count)
+            token_lists = list(token_lists)
+            token_lists[last] = token_lists[last] + token_lists[last][-1:] * pad
+            positions[last] = positions[last] + positions[last][-1:] * pad
         logits = batch.forward(token_lists, positions, batch_invariant=self.batch_invariant)
         for i, seq in enumerate(seqs):
             batch.append_to(i, seq.cache)
+        if pad:
+            logits[last] = logits[last][: counts[last]]
+            crop_cache(seqs[last].cache, len(seqs[last].ids) + counts[last])
         return logits
 
     def start_prefill(self, request_id: str, prompt_ids: list[int], prompt_len: int | None = None) -> PrefillJob:
