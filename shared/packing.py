@@ -133,10 +133,9 @@ class PackedBatch:
 
         ``batch_invariant`` runs attention row by row (``shared.row_attention``,
         which the model must have installed), so each sequence's logits equal those
-        of its own forward. It supports the default causal rule only. The caller must
-        keep at least ``row_attention.min_invariant_rows`` rows in the forward and,
-        with ``logits_to_keep``, before the output layer, because matmuls over fewer
-        rows round differently.
+        of its own forward. It supports the default causal rule only. The caller runs
+        the forward under ``row_attention.linear_rows``, because matmuls over other
+        row counts round differently.
         """
         count = len(self)
         if len(tokens) != count or len(positions) != count:

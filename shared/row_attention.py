@@ -1,4 +1,4 @@
-"""Batch-invariant attention: each query row's result independent of the forward it runs in.
+"""Batch-invariant target forwards: each row's result independent of the forward it runs in.
 
 Greedy decoding equals the target's own greedy output only if the target's
 logits for a position are the same bits however the position is computed. It
@@ -6,13 +6,18 @@ may be computed one token at a time (AR), inside a (K + 1)-token verification,
 or packed with other requests' tokens. In bf16 the bits differ by default, for
 two reasons:
 
-- torch 2.13's CPU matmul kernels round a row of a linear layer differently
-  when the forward has few rows. Above a kernel-specific row count, a row's
-  result does not depend on how many rows there are or on where the row sits
-  among them: from 2 rows for bf16 with AVX512-BF16 (oneDNN), from 4 for fp32
-  with AVX2 (MKL), and from 1 for bf16 without native bf16 instructions, on the
-  machines this was measured on. ``min_invariant_rows`` measures that count for
-  the model's own layers at start-up, and the target pads smaller forwards to it.
+- torch 2.13's CPU matmul kernels pick their blocking from the number of rows,
+  so a row of a linear layer rounds differently in forwards of different
+  sizes. Within some range of row counts they round every row alike, wherever
+  it sits among the others. With one thread on an Intel Xeon with AMX, bf16
+  rows round alike at 2 to 32 rows (oneDNN sums one row, 33 to 36, 37 to 56
+  and 57 and up in other orders) and fp32 rows at 16 to 64. An earlier,
+  less sensitive probe found 2 rows and up for bf16 with AVX512-BF16 and 4 and
+  up for fp32 with AVX2 (MKL), 12 and up with two threads.
+  ``invariant_rows`` measures that range for the model's own layers at
+  start-up. Under ``linear_rows`` every linear layer of a model with
+  ``install`` pads smaller inputs to the range and splits larger ones into
+  chunks inside it.
 - SDPA's fused attention splits the keys into blocks whose boundaries depend on
   the query and key counts and, in a packed batch, on where a sequence's keys
   lie. Its online softmax then rounds differently.
@@ -21,30 +26,44 @@ two reasons:
 exactly the keys that row may see, in the order the sequence added them. The
 inputs of that computation are then the same in every kind of forward, and so
 is its result. The caller describes the rows with ``Segment`` objects passed in
-``attention_plan``. A forward run without a plan (prefill) uses SDPA.
+``attention_plan``. A forward run without a plan (prefill) uses SDPA and plain
+linear layers.
 
-NOTE: the probe tries the row counts in ``PROBE_ROWS``; a forward with more rows
-is assumed to round like the largest of them. Kernels such as cuBLAS may pick
-other algorithms for other row counts, so the probe runs only on CPUs.
+The probe tries every row count up to ``PROBE_MAX_ROWS``, so a range ends there
+at the latest, and larger decode forwards run their linear layers in chunks.
+NOTE: kernels such as cuBLAS may pick other algorithms for other row counts, so
+the probe runs only on CPUs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
 IMPLEMENTATION = "saguaro_rows"
-# Row counts ``min_invariant_rows`` tries: every count up to 24, where kernels switch paths (with two
-# threads, MKL's fp32 kernel on AVX2 rounded the tail rows of 5 to 11-row forwards differently), then
-# larger steps up to a packed verification of 8 requests with K = 4 (40 rows) and beyond.
-PROBE_ROWS = tuple(range(1, 25)) + (32, 40, 48, 64)
-# Output features a probe uses at most per layer, so that probing the output layer takes about a second.
-# NOTE: this assumes that a kernel rounds a row the same way for every output-feature count above it.
-PROBE_MAX_FEATURES = 8192
+# ``invariant_rows`` tries every row count up to this one, because kernels switch paths at counts
+# that differ by kernel and thread count (see the module docstring).
+PROBE_MAX_ROWS = 64
+# Output features a probe uses at most per layer, so that the probe takes seconds.
+# NOTE: this assumes that a kernel sums a row the same way for every output-feature count above it.
+PROBE_MAX_FEATURES = 1024
+
+
+@dataclass(frozen=True)
+class RowRange:
+    """Row counts from ``low`` to ``high`` (None: no limit) at which linear layers round every row alike."""
+
+    low: int
+    high: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.low < 1 or (self.high is not None and self.high < self.low):
+            raise ValueError(f"invalid row range {self.low}..{self.high}: need 1 <= low <= high")
 
 
 @dataclass(frozen=True)
@@ -65,6 +84,7 @@ class Segment:
 
 
 _plan: contextvars.ContextVar[Sequence[Segment] | None] = contextvars.ContextVar("saguaro_attention_plan", default=None)
+_rows: contextvars.ContextVar[RowRange | None] = contextvars.ContextVar("saguaro_linear_rows", default=None)
 
 
 @contextlib.contextmanager
@@ -75,6 +95,60 @@ def attention_plan(segments: Sequence[Segment]) -> Iterator[None]:
         yield
     finally:
         _plan.reset(token)
+
+
+@contextlib.contextmanager
+def linear_rows(rows: RowRange | None) -> Iterator[None]:
+    """Run the linear layers of installed models in this block with row counts inside ``rows`` (None: as they come)."""
+    token = _rows.set(rows)
+    try:
+        yield
+    finally:
+        _rows.reset(token)
+
+
+def split_rows(count: int, rows: RowRange) -> list[int]:
+    """Return chunk sizes that cover ``count`` rows, each at most ``rows.high``, as even as possible.
+
+    A chunk below ``rows.low`` is padded by the caller.
+    """
+    if count <= 0:
+        return []
+    if rows.high is None or count <= rows.high:
+        return [count]
+    chunks = -(-count // rows.high)
+    base, extra = divmod(count, chunks)
+    return [base + 1] * extra + [base] * (chunks - extra)
+
+
+def invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: RowRange) -> torch.Tensor:
+    """Return ``linear(x, weight, bias)`` computed in matmuls whose row counts lie in ``rows``.
+
+    The leading dimensions of ``x`` are flattened into rows. Fewer rows than
+    ``rows.low`` are padded with copies of the last row, whose results are
+    dropped; more than ``rows.high`` are split into chunks. Each chunk is made
+    contiguous, because kernels round a transposed input (as attention outputs
+    may be) differently.
+    """
+    flat = x.reshape(-1, x.shape[-1])
+    outputs = []
+    start = 0
+    for size in split_rows(flat.shape[0], rows):
+        chunk = flat[start : start + size]
+        start += size
+        if size < rows.low:
+            chunk = torch.cat([chunk, chunk[-1:].expand(rows.low - size, -1)])
+        chunk = chunk.contiguous()
+        outputs.append(torch.nn.functional.linear(chunk, weight, bias)[:size])
+    result = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+    return result.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _linear_forward(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    rows = _rows.get()
+    if rows is None:
+        return torch.nn.functional.linear(x, module.weight, module.bias)
+    return invariant_linear(x, module.weight, module.bias, rows)
 
 
 def row_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -128,43 +202,90 @@ def install(model) -> None:
     # Forwards without a plan build the same masks as SDPA.
     AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
     model.set_attn_implementation(IMPLEMENTATION)
+    for module in model.modules():
+        if type(module) is torch.nn.Linear:
+            module.forward = functools.partial(_linear_forward, module)
+
+
+def _order_probe(out_features: int, in_features: int, dtype: torch.dtype, rows: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return a weight and inputs whose products reveal the order in which a kernel sums them.
+
+    Every weight is +-1 except one +L and one -L per output, with L = 2^24, and
+    every input is +-1. Where the two large products cancel (for about half of
+    the outputs), a partial sum that contains L absorbs a 1 added to it, so the
+    result counts the ones summed outside the partial sums that contain L.
+    Kernels that split or order the sum differently then give different
+    integers, where random data would round to the same bits in all but a few
+    of many thousand outputs.
+    """
+    weight = torch.randint(0, 2, (out_features, in_features), generator=generator).float() * 2 - 1
+    large = float(2**24)
+    first = torch.randint(0, in_features, (out_features,), generator=generator)
+    second = (first + 1 + torch.randint(0, max(in_features - 1, 1), (out_features,), generator=generator)) % in_features
+    rows_index = torch.arange(out_features)
+    weight[rows_index, first] = large
+    weight[rows_index, second] = -large
+    inputs = torch.randint(0, 2, (rows, in_features), generator=generator).float() * 2 - 1
+    return weight.to(dtype), inputs.to(dtype)
+
+
+def _results_by_count(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, count: int) -> torch.Tensor:
+    """Return ``linear(x)`` computed in forwards of exactly ``count`` rows (the last window overlaps the one before)."""
+    total = x.shape[0]
+    outputs = []
+    for start in range(0, total, count):
+        begin = min(start, total - count)
+        outputs.append(torch.nn.functional.linear(x[begin : begin + count].contiguous(), weight, bias)[start - begin :])
+    return torch.cat(outputs)
 
 
 @torch.inference_mode()
-def min_invariant_rows(model, rows: Sequence[int] = PROBE_ROWS) -> int | None:
-    """Return the fewest rows from which every linear layer of ``model`` computes a row the same way, or None.
+def invariant_rows(model, max_rows: int = PROBE_MAX_ROWS) -> RowRange | None:
+    """Return the widest range of row counts at which every linear layer of ``model`` computes a row alike, or None.
 
-    For each distinct layer shape and dtype the probe multiplies random inputs
-    with the layer's weight at every count in ``rows``, once with the probed
-    row first and once with it last, because multithreaded kernels may treat
-    the tail rows of a forward differently. A forward with at least the returned
-    number of rows then gives each row the same bits at any larger probed count
-    and position, with the current torch thread count. None means that no
-    probed count qualifies.
+    For each distinct layer shape, dtype and bias the probe computes
+    ``max_rows`` input rows in forwards of every count from 1 to ``max_rows``
+    rows, so each row sits at many positions among different neighbours. Its
+    weight and inputs (``_order_probe``) have the layer's shape, up to
+    ``PROBE_MAX_FEATURES`` outputs. Two counts belong to one class when every
+    result is the same bits. A count at which reversing the rows of each
+    forward changes a result belongs to no class. The range is the longest run
+    of consecutive counts in one class for every layer (the lowest on a tie),
+    and it holds for the current torch thread count. None means that no count
+    qualifies.
     """
     layers = {}
     for module in model.modules():
         if isinstance(module, torch.nn.Linear):
-            layers.setdefault((module.in_features, module.out_features, module.weight.dtype), module)
+            layers.setdefault((module.in_features, module.out_features, module.weight.dtype, module.bias is not None), module)
     generator = torch.Generator().manual_seed(0)
-    needed = 1
-    for (in_features, _, dtype), layer in layers.items():
-        weight = layer.weight[:PROBE_MAX_FEATURES]
-        bias = None if layer.bias is None else layer.bias[:PROBE_MAX_FEATURES]
-        x = torch.randn(max(rows), in_features, generator=generator).to(dtype=dtype, device=weight.device)
-        reference = torch.nn.functional.linear(x[: rows[-1]], weight, bias)[0]
-
-        def same_at(count: int) -> bool:
-            first = torch.nn.functional.linear(x[:count], weight, bias)[0]
-            last = torch.nn.functional.linear(torch.cat([x[1:count], x[:1]]), weight, bias)[-1]
-            return torch.equal(first, reference) and torch.equal(last, reference)
-
-        if not same_at(rows[-1]):
-            return None
-        start = len(rows) - 1
-        while start > 0 and same_at(rows[start - 1]):
-            start -= 1
-        if start == len(rows) - 1:
-            return None
-        needed = max(needed, rows[start])
-    return needed
+    counts = range(1, max_rows + 1)
+    # classes[c]: per probe, the index of the class of count c, or None where a row's position changes it.
+    classes: dict[int, list[int | None]] = {count: [] for count in counts}
+    for (in_features, out_features, dtype, _), layer in layers.items():
+        device = layer.weight.device
+        features = min(out_features, PROBE_MAX_FEATURES)
+        weight, x = _order_probe(features, in_features, dtype, max_rows, generator)
+        weight, x = weight.to(device), x.to(device)
+        bias = None if layer.bias is None else layer.bias[:features]
+        seen: list[torch.Tensor] = []
+        for count in counts:
+            result = _results_by_count(x, weight, bias, count)
+            if not torch.equal(result, _results_by_count(x.flip(0), weight, bias, count).flip(0)):
+                classes[count].append(None)
+                continue
+            index = next((i for i, other in enumerate(seen) if torch.equal(result, other)), None)
+            if index is None:
+                seen.append(result)
+                index = len(seen) - 1
+            classes[count].append(index)
+    best: tuple[int, int] | None = None
+    low = None
+    for count in range(1, max_rows + 2):
+        valid = count <= max_rows and None not in classes[count]
+        if valid and low is not None and classes[count] == classes[low]:
+            continue
+        if low is not None and (best is None or count - low > best[1] - best[0] + 1):
+            best = (low, count - 1)
+        low = count if valid else None
+    return None if best is None else RowRange(*best)

@@ -74,32 +74,57 @@ def differing_rows(rows: list[torch.Tensor], reference: list[torch.Tensor]) -> l
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @torch.inference_mode()
-def test_linear_rows_ignore_row_count_from_probed_minimum(dtype):
-    """The kernel property the engine relies on: from the probed row count up, a row's result ignores the others."""
+def test_linear_rows_invariant_inside_range(dtype):
+    """The kernel property the engine relies on: inside the probed range, a row's result ignores the other rows."""
     generator = torch.Generator().manual_seed(3)
     shapes = ((64, 128), (256, 1024), (1536, 1536))
     layers = torch.nn.Sequential(*(torch.nn.Linear(i, o, bias=False) for i, o in shapes)).to(DTYPES[dtype])
-    minimum = row_attention.min_invariant_rows(layers)
-    assert minimum is not None, f"no row count gives invariant {dtype} matmuls on this CPU"
-    below = [count for count in row_attention.PROBE_ROWS if count < minimum]
-    differs_below = False
+    rows = row_attention.invariant_rows(layers)
+    assert rows is not None, f"no row count gives invariant {dtype} matmuls on this CPU"
+    high = rows.high
     for layer in layers:
         weight = layer.weight
-        x = torch.randn(64, weight.shape[1], generator=generator).to(weight.dtype)
-        reference = torch.nn.functional.linear(x[:minimum], weight)[0]
-        for rows in sorted({minimum, 5, 8, 17, 40, 64} - set(range(minimum))):
-            result = torch.nn.functional.linear(x[:rows], weight)[0]
-            assert torch.equal(result, reference), f"{tuple(weight.shape)}: row 0 of {rows} rows differs from row 0 of {minimum} rows"
-        for rows in sorted({minimum, 9, 17} - set(range(minimum))):
-            moved = torch.nn.functional.linear(torch.cat([x[1:rows], x[:1]]), weight)[-1]
-            assert torch.equal(moved, reference), f"{tuple(weight.shape)}: row 0 differs when it comes last of {rows} rows"
-        if below:
-            count = below[-1]
+        x = torch.randn(2 * high + 3, weight.shape[1], generator=generator).to(weight.dtype)
+        reference = torch.nn.functional.linear(x[: rows.low], weight)[0]
+        for count in sorted({rows.low, (rows.low + high) // 2, high}):
             first = torch.nn.functional.linear(x[:count], weight)[0]
             last = torch.nn.functional.linear(torch.cat([x[1:count], x[:1]]), weight)[-1]
-            differs_below |= not (torch.equal(first, reference) and torch.equal(last, reference))
-    # The probe returns the smallest count that works: one count lower, some layer rounds a row differently.
-    assert not below or differs_below
+            assert torch.equal(first, reference), f"{tuple(weight.shape)}: row 0 of {count} rows differs from row 0 of {rows.low} rows"
+            assert torch.equal(last, reference), f"{tuple(weight.shape)}: row 0 differs when it comes last of {count} rows"
+        # Outside the range the engine's linear pads or splits, so every count gives the same bits.
+        expected = torch.cat([torch.nn.functional.linear(x[i : i + 1].expand(rows.low, -1), weight)[:1] for i in range(x.shape[0])])
+        for count in (1, rows.low, high + 1, 2 * high + 3):
+            result = row_attention.invariant_linear(x[:count], weight, None, rows)
+            assert torch.equal(result, expected[:count]), f"{tuple(weight.shape)}: {count} rows through invariant_linear"
+
+
+def test_split_rows_stays_inside_range():
+    rows = row_attention.RowRange(4, 10)
+    assert row_attention.split_rows(0, rows) == []
+    assert row_attention.split_rows(3, rows) == [3]
+    assert row_attention.split_rows(10, rows) == [10]
+    assert row_attention.split_rows(11, rows) == [6, 5]
+    assert row_attention.split_rows(21, rows) == [7, 7, 7]
+    assert row_attention.split_rows(100, row_attention.RowRange(2)) == [100]
+    with pytest.raises(ValueError, match="invalid row range"):
+        row_attention.RowRange(5, 4)
+
+
+def test_probe_picks_longest_class_run(monkeypatch):
+    """Kernel paths that change with the row count, faked: classes 1-3, 4-9 (with 6 position-dependent), 10-12."""
+
+    def fake_linear(x, weight, bias=None):
+        count = x.shape[0]
+        out = torch.zeros(count, weight.shape[0])
+        out += 0 if count <= 3 else (1 if count <= 9 else 2)
+        if count == 6:
+            out[-1] += 5
+        return out
+
+    layer = torch.nn.Linear(4, 3)
+    monkeypatch.setattr(torch.nn.functional, "linear", fake_linear)
+    assert row_attention.invariant_rows(layer, max_rows=12) == row_attention.RowRange(1, 3)
+    assert row_attention.invariant_rows(layer, max_rows=20) == row_attention.RowRange(10, 20)
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
@@ -125,7 +150,7 @@ def test_packed_forward_logits_equal_one_token_steps(arch, dtype):
 
 def test_padded_forward_keeps_only_real_rows():
     engine = TargetEngine(tiny_model("qwen2", "float32"), torch.device("cpu"))
-    engine.min_rows = 4
+    engine.rows = row_attention.RowRange(4, 6)
     seqs = [engine.prefill(f"pad{i}", prompt) for i, prompt in enumerate(PROMPTS[:2])]
     logits = engine.forward_batch(seqs, [[seqs[0].root], [seqs[1].root, 7]])
     assert [tuple(rows.shape[:1]) for rows in logits] == [(1,), (2,)]

@@ -6,9 +6,9 @@ the K + 1 positions after r (see ``shared.sampling`` for how they are drawn).
 After j drafts are accepted the KV of ``r, s1..sj`` is kept and the rest dropped.
 
 With ``batch_invariant`` (the default) every decode forward runs under row
-attention (``shared.row_attention``) with at least as many query rows as the
-CPU's matmul kernels need to round every row alike, so a position gets the same
-logits in an AR step, a verification and a packed batch, in bf16 too.
+attention (``shared.row_attention``), with its linear layers run at row counts
+at which the CPU's matmul kernels round every row alike, so a position gets the
+same logits in an AR step, a verification and a packed batch, in bf16 too.
 """
 
 from __future__ import annotations
@@ -87,21 +87,25 @@ class TargetEngine:
         self.device = device
         self.prefill_chunk = prefill_chunk
         self.batch_invariant = batch_invariant
-        # Fewest query rows a decode forward runs with: below it the matmul kernels round a row differently.
-        self.min_rows = 1
+        # Row counts the linear layers of decode forwards run at; None: as they come.
+        self.rows: row_attention.RowRange | None = None
         if batch_invariant:
             row_attention.install(model)
-            rows = row_attention.min_invariant_rows(model) if device.type == "cpu" else 2
+            # NOTE: off the CPU the probe does not run (see shared.row_attention); two rows and up is assumed.
+            rows = row_attention.invariant_rows(model) if device.type == "cpu" else row_attention.RowRange(2)
             if rows is None:
                 logger.warning(
                     "batch invariance unavailable: this CPU's %s matmul kernels round a row differently at every probed row count, "
                     "so greedy output may depend on the mode and the batch; SAGUARO_BATCH_INVARIANT=false skips the row-by-row attention",
                     next(model.parameters()).dtype,
                 )
-                rows = 1
-            elif rows > 1:
-                logger.info("batch invariance: decode forwards run with at least %d query rows, from which this CPU's matmul kernels round every row alike", rows)
-            self.min_rows = rows
+            else:
+                logger.info(
+                    "batch invariance: decode forwards run their linear layers at %d to %s rows, where this CPU's matmul kernels round every row alike",
+                    rows.low,
+                    "any number of" if rows.high is None else rows.high,
+                )
+            self.rows = rows
 
     @torch.inference_mode()
     def _forward(self, seq: TargetSequence, tokens: list[int], start: int, logits: bool = True) -> torch.Tensor | None:
@@ -110,20 +114,14 @@ class TargetEngine:
         With ``logits=False`` only the KV is computed and None is returned.
         """
         count = len(tokens)
-        positions = list(range(start, start + count))
         plan = contextlib.nullcontext()
         if self.batch_invariant:
-            # Fewer rows take other kernel paths that round differently, so copies of the last
-            # token pad the forward. Their logits and KV are dropped below.
-            pad = max(0, self.min_rows - count)
-            tokens, positions = tokens + tokens[-1:] * pad, positions + positions[-1:] * pad
-            plan = row_attention.attention_plan([row_attention.Segment(0, len(tokens), prefix=start)])
+            plan = row_attention.attention_plan([row_attention.Segment(0, count, prefix=start)])
         input_ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
-        position_ids = torch.tensor([positions], dtype=torch.long, device=self.device)
-        with plan:
+        position_ids = torch.arange(start, start + count, device=self.device)[None]
+        with plan, row_attention.linear_rows(self.rows):
             out = self.model(input_ids=input_ids, position_ids=position_ids, cache=seq.cache, use_cache=True, logits_to_keep=0 if logits else 1)
-        crop_cache(seq.cache, start + count)
-        return out.logits[0, :count] if logits else None
+        return out.logits[0] if logits else None
 
     def forward_batch(self, seqs: list[TargetSequence], token_lists: list[list[int]]) -> list[torch.Tensor]:
         """Run ``token_lists[i]`` after each sequence's cache in one packed forward; return logits [len, V] per sequence.
@@ -141,20 +139,10 @@ class TargetEngine:
         batch = PackedBatch(self.model, [seq.cache for seq in seqs])
         counts = [len(tokens) for tokens in token_lists]
         positions = [list(range(len(seq.ids), len(seq.ids) + count)) for seq, count in zip(seqs, counts)]
-        total = sum(counts)
-        pad = max(0, self.min_rows - total) if self.batch_invariant and total else 0
-        if pad:
-            # As in ``_forward``: copies of a sequence's last token, dropped from its logits and cache.
-            last = max(i for i, count in enumerate(counts) if count)
-            token_lists = list(token_lists)
-            token_lists[last] = token_lists[last] + token_lists[last][-1:] * pad
-            positions[last] = positions[last] + positions[last][-1:] * pad
-        logits = batch.forward(token_lists, positions, batch_invariant=self.batch_invariant)
+        with row_attention.linear_rows(self.rows):
+            logits = batch.forward(token_lists, positions, batch_invariant=self.batch_invariant)
         for i, seq in enumerate(seqs):
             batch.append_to(i, seq.cache)
-        if pad:
-            logits[last] = logits[last][: counts[last]]
-            crop_cache(seqs[last].cache, len(seqs[last].ids) + counts[last])
         return logits
 
     def start_prefill(self, request_id: str, prompt_ids: list[int], prompt_len: int | None = None) -> PrefillJob:
