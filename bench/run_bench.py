@@ -35,10 +35,13 @@ logger = logging.getLogger("saguaro.bench")
 
 def machine_description() -> str:
     model = "unknown CPU"
+    amx = False
     try:
         for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines():
             if line.startswith("Model name:"):
                 model = line.split(":", 1)[1].strip()
+            if line.startswith("Flags:"):
+                amx = "amx_bf16" in line.split()
     except (OSError, subprocess.CalledProcessError):
         pass
     import torch
@@ -47,6 +50,9 @@ def machine_description() -> str:
 
     # Without native bf16 instructions a bf16 forward costs nearly a one-token forward per token, which changes every ratio.
     kernels = f"{torch.backends.cpu.get_cpu_capability()} kernels, {'native' if cpu_has_native_matmul('bfloat16') else 'no native'} bf16 matmuls"
+    if amx:
+        # oneDNN runs bf16 matmuls of several rows on AMX tiles: a 5-row target forward costs about a one-row one.
+        kernels += " (AMX)"
     return f"{model}, {os.cpu_count()} cores, {kernels}, {platform.system()} {platform.release()}, Python {platform.python_version()}, torch {torch.__version__}"
 
 

@@ -1,5 +1,7 @@
 """Batch-size back-off: the forward-cost fit and the choice of drafts per request."""
 
+import math
+
 import pytest
 
 from services.verify.scheduler import ForwardCost, best_num_drafts, choose_step_kind, expected_committed, step_rates
@@ -31,6 +33,27 @@ def test_cost_keeps_prior_ratio_for_one_size():
     for _ in range(200):
         tiny.observe(5, 0.002)
     assert tiny.predict(1) / tiny.predict(5) == pytest.approx(1.025 / 1.125, abs=0.001)
+
+
+def test_chunked_cost_fit_by_hand():
+    # Linear layers in chunks of at most 32 tokens: 40 tokens take two weight passes of 0.3 s.
+    cost = ForwardCost(per_token_ratio=0.0, prior_weight=0.01, chunk_tokens=32)
+    for tokens in (1, 5, 20, 32, 40, 64) * 20:
+        cost.observe(tokens, 0.3 * math.ceil(tokens / 32) + 0.001 * tokens)
+    assert cost.chunks(32) == 1
+    assert cost.chunks(33) == 2
+    assert cost.predict(32) == pytest.approx(0.332, abs=0.002)
+    assert cost.predict(40) == pytest.approx(0.64, abs=0.002)
+
+
+def test_chunked_cost_keeps_drafts_in_one_pass():
+    # With K = 4 at batch 8 (40 tokens) a second pass costs more than the fourth drafts commit.
+    cost = ForwardCost(chunk_tokens=32)
+    for _ in range(100):
+        cost.observe(8 * 5, 0.7)
+        cost.observe(8, 0.34)
+    assert best_num_drafts(8, 4, 0.8, cost) == 3
+    assert best_num_drafts(1, 4, 0.8, cost) == 4
 
 
 def test_cost_before_measurements():

@@ -28,6 +28,7 @@ kind changes only when another is predicted faster by 5%.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -41,6 +42,11 @@ class ForwardCost:
     plus about 10 ms per token) and is only an estimate for other hardware. The prior weighs as much
     as ``prior_weight`` measurements spread over +-10 tokens, so forwards of
     varied sizes soon override it. ``decay`` down-weights old measurements.
+
+    With ``chunk_tokens`` set, a forward over N tokens runs its linear layers in
+    ceil(N / chunk_tokens) chunks, each reading the weights again (see
+    ``shared.row_attention.invariant_linear``). The fit is then per chunk:
+    ``t(N) = chunks * base + per_token * N``.
     """
 
     per_token_ratio: float = 0.025
@@ -48,6 +54,7 @@ class ForwardCost:
     decay: float = 0.98
     # Predicted one-token forward before any measurement, seconds.
     default_s: float = 0.4
+    chunk_tokens: int | None = None
 
     def __post_init__(self) -> None:
         self.weight = 0.0
@@ -56,7 +63,15 @@ class ForwardCost:
         self.sum_nn = 0.0
         self.sum_nt = 0.0
 
+    def chunks(self, tokens: float) -> int:
+        """Return how many weight passes a forward over ``tokens`` tokens makes."""
+        if not self.chunk_tokens or tokens <= self.chunk_tokens:
+            return 1
+        return math.ceil(tokens / self.chunk_tokens)
+
     def observe(self, tokens: float, seconds: float) -> None:
+        chunks = self.chunks(tokens)
+        tokens, seconds = tokens / chunks, seconds / chunks
         self.weight = self.weight * self.decay + 1.0
         self.sum_n = self.sum_n * self.decay + tokens
         self.sum_t = self.sum_t * self.decay + seconds
@@ -79,7 +94,7 @@ class ForwardCost:
 
     def predict(self, tokens: int) -> float:
         base, slope = self.coefficients()
-        return base + slope * tokens
+        return self.chunks(tokens) * base + slope * tokens
 
 
 def expected_committed(acceptance_rate: float, drafts: int) -> float:

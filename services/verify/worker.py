@@ -151,7 +151,9 @@ class VerifyWorker:
         # Separate fan-out statistics after a hit and after a miss: a backup speculation is often
         # weaker, so the next step's acceptance lengths are shorter.
         self.fanout_policies = {source: self.new_fanout_policy() for source in ("hit", "miss")}
-        self.forward_cost = ForwardCost()
+        # Above the engine's largest invariant row count a decode forward reads the weights once per chunk.
+        rows = getattr(engine, "rows", None)
+        self.forward_cost = ForwardCost(chunk_tokens=rows.high if rows is not None else None)
         # Draft cache-build time of one step against the batch size. The prior makes a build for b requests
         # cost (1 + b) / 2 times one request's, as measured with the int8 Qwen2.5-Coder-0.5B draft on one
         # core (8 requests took 4.5 times one). Measurements at several batch sizes replace it.
