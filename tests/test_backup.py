@@ -79,8 +79,8 @@ def test_miss_outcome_weighs_ngram_matches():
         chooser.observe_ngram_lookup(lookup % 10 < 3)
     found = chooser.ngram_found.value
     assert found == pytest.approx(0.3, abs=0.1)
-    # With a match the free n-gram draft (3 tokens in 0.4 s) beats the JIT draft (3.4 in 0.65 s);
-    # without one the JIT draft beats a plain step (1 in 0.4 s).
+    # With a match, the free n-gram draft (3 tokens in 0.4 s) beats the JIT draft (3.4 in 0.65 s).
+    # Without one, the JIT draft beats a plain step (1 token in 0.4 s).
     assert chooser.choose(1, ngram_found=True) == "ngram"
     assert chooser.choose(1, ngram_found=False) == "jit"
     tokens, stall = chooser.miss_outcome(1, 3.4)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy import stats
 
-from services.verify.engine import PrefillCancelled, TargetEngine
+from services.verify.engine import TargetEngine
 from shared.protocol import SamplingParams
 from tests.tiny_models import tiny_qwen2
 
@@ -39,25 +39,9 @@ def test_verify_greedy_matches_reference_with_any_drafts():
     assert len(seq.ids) == len(PROMPT) + len(out) - 1
 
 
-def test_prefill_stops_between_chunks_when_cancelled():
+def test_prefill_runs_every_chunk():
     engine = TargetEngine(tiny_qwen2(seed=11), torch.device("cpu"), prefill_chunk=4)
-    prompt = list(range(1, 14))
-    calls = []
-
-    def cancelled() -> bool:
-        calls.append(True)
-        return len(calls) >= 2
-
-    with pytest.raises(PrefillCancelled) as raised:
-        engine.prefill("c", prompt, cancelled=cancelled)
-    # Chunks of 4 over 12 prompt tokens: called before the second and the third chunk.
-    assert len(calls) == 2
-    assert raised.value.seq.cache.get_seq_length() == 8
-
-
-def test_prefill_runs_every_chunk_unless_cancelled():
-    engine = TargetEngine(tiny_qwen2(seed=11), torch.device("cpu"), prefill_chunk=4)
-    seq = engine.prefill("c", list(range(1, 14)), cancelled=lambda: False)
+    seq = engine.prefill("c", list(range(1, 14)))
     assert seq.cache.get_seq_length() == 12
     assert seq.root == 13
 

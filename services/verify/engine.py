@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -71,14 +70,6 @@ class PrefillJob:
     @property
     def prefilled_tokens(self) -> int:
         return self.chunks[self.next_chunk - 1][1] if self.next_chunk else 0
-
-
-class PrefillCancelled(Exception):
-    """Raised when a request is cancelled between two prefill chunks. ``seq`` contains the KV computed so far."""
-
-    def __init__(self, seq: TargetSequence):
-        super().__init__(f"prefill of request {seq.request_id} cancelled")
-        self.seq = seq
 
 
 class TargetEngine:
@@ -137,8 +128,7 @@ class TargetEngine:
         if len(seqs) == 1:
             return [self._forward(seqs[0], token_lists[0], len(seqs[0].ids))]
         batch = PackedBatch(self.model, [seq.cache for seq in seqs])
-        counts = [len(tokens) for tokens in token_lists]
-        positions = [list(range(len(seq.ids), len(seq.ids) + count)) for seq, count in zip(seqs, counts)]
+        positions = [list(range(len(seq.ids), len(seq.ids) + len(tokens))) for seq, tokens in zip(seqs, token_lists)]
         with row_attention.linear_rows(self.rows):
             logits = batch.forward(token_lists, positions, batch_invariant=self.batch_invariant)
         for i, seq in enumerate(seqs):
@@ -193,22 +183,10 @@ class TargetEngine:
             job.seq.root = job.root
         return job.done
 
-    def prefill(
-        self,
-        request_id: str,
-        prompt_ids: list[int],
-        cancelled: Callable[[], bool] | None = None,
-        prompt_len: int | None = None,
-    ) -> TargetSequence:
-        """Prefill ``prompt_ids`` in one call (see ``start_prefill``) and return the sequence.
-
-        Before each chunk after the first, the ``cancelled`` callback is called,
-        and PrefillCancelled is raised if it returns True.
-        """
+    def prefill(self, request_id: str, prompt_ids: list[int], prompt_len: int | None = None) -> TargetSequence:
+        """Prefill ``prompt_ids`` in one call (see ``start_prefill``) and return the sequence."""
         job = self.start_prefill(request_id, prompt_ids, prompt_len)
         while not job.done:
-            if job.next_chunk > 0 and cancelled is not None and cancelled():
-                raise PrefillCancelled(job.seq)
             self.run_prefill_chunk(job)
         return job.seq
 

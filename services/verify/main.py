@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     drafts = DraftClient(client, settings.namespace, fingerprint) if settings.mode != "ar" else None
     if settings.batch_invariant and device.type != "cpu":
         # NOTE: row attention fixes the attention side on any device, but the matmul row probe
-        # runs only on CPUs; GPU forwards are padded to two rows unchecked.
+        # runs only on CPUs; on a GPU, linear layers get at least two rows, unchecked.
         logger.warning("batch_invariant was only checked on CPU; on %s greedy output may still depend on the batch", device)
     engine = TargetEngine(model, device, prefill_chunk=settings.prefill_chunk_size, batch_invariant=settings.batch_invariant)
     worker = VerifyWorker(settings, engine, tokenizer, eos_token_ids(model, tokenizer), client, drafts, replica_id)
