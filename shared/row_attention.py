@@ -10,8 +10,9 @@ two reasons:
   so a row of a linear layer rounds differently in forwards of different
   sizes. Within some range of row counts they round every row alike, wherever
   it sits among the others. With one thread on an Intel Xeon with AMX, bf16
-  rows round alike at 2 to 32 rows (oneDNN sums one row, 33 to 36, 37 to 56
-  and 57 and up in other orders) and fp32 rows at 16 to 64. An earlier,
+  rows round alike at 2 to 32 rows (oneDNN sums 1, 33, 34 to 36, 37 to 56
+  and 57 to 64 rows in other orders) and fp32 rows at 16 to 64
+  (``python -m bench.row_classes``). An earlier,
   less sensitive probe found 2 rows and up for bf16 with AVX512-BF16 and 4 and
   up for fp32 with AVX2 (MKL), 12 and up with two threads.
   ``invariant_rows`` measures that range for the model's own layers at
@@ -240,19 +241,18 @@ def _results_by_count(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 
 
 @torch.inference_mode()
-def invariant_rows(model, max_rows: int = PROBE_MAX_ROWS) -> RowRange | None:
-    """Return the widest range of row counts at which every linear layer of ``model`` computes a row alike, or None.
+def row_classes(model, max_rows: int = PROBE_MAX_ROWS) -> dict[int, tuple[int | None, ...]]:
+    """Return, for each row count from 1 to ``max_rows``, the class of that count in each distinct linear layer of ``model``.
 
     For each distinct layer shape, dtype and bias the probe computes
     ``max_rows`` input rows in forwards of every count from 1 to ``max_rows``
     rows, so each row sits at many positions among different neighbours. Its
     weight and inputs (``_order_probe``) have the layer's shape, up to
     ``PROBE_MAX_FEATURES`` outputs. Two counts belong to one class when every
-    result is the same bits. A count at which reversing the rows of each
-    forward changes a result belongs to no class. The range is the longest run
-    of consecutive counts in one class for every layer (the lowest on a tie),
-    and it holds for the current torch thread count. None means that no count
-    qualifies.
+    result is the same bits, and class indices count up from 0 in the order
+    the counts first appear. A count at which reversing the rows of each
+    forward changes a result belongs to no class (None). The classes are valid
+    for the current torch thread count.
     """
     layers = {}
     for module in model.modules():
@@ -260,7 +260,7 @@ def invariant_rows(model, max_rows: int = PROBE_MAX_ROWS) -> RowRange | None:
             layers.setdefault((module.in_features, module.out_features, module.weight.dtype, module.bias is not None), module)
     generator = torch.Generator().manual_seed(0)
     counts = range(1, max_rows + 1)
-    # classes[c]: per probe, the index of the class of count c, or None where a row's position changes it.
+    # classes[c]: per layer, the index of the class of count c, or None where a row's position changes it.
     classes: dict[int, list[int | None]] = {count: [] for count in counts}
     for (in_features, out_features, dtype, _), layer in layers.items():
         device = layer.weight.device
@@ -279,6 +279,17 @@ def invariant_rows(model, max_rows: int = PROBE_MAX_ROWS) -> RowRange | None:
                 seen.append(result)
                 index = len(seen) - 1
             classes[count].append(index)
+    return {count: tuple(layer_classes) for count, layer_classes in classes.items()}
+
+
+def invariant_rows(model, max_rows: int = PROBE_MAX_ROWS) -> RowRange | None:
+    """Return the widest range of row counts at which every linear layer of ``model`` computes a row alike, or None.
+
+    The range is the longest run of consecutive counts in one class of
+    ``row_classes`` for every layer (the lowest on a tie). None means that no
+    count qualifies.
+    """
+    classes = row_classes(model, max_rows)
     best: tuple[int, int] | None = None
     low = None
     for count in range(1, max_rows + 2):

@@ -110,21 +110,37 @@ def test_split_rows_stays_inside_range():
         row_attention.RowRange(5, 4)
 
 
+def fake_linear(x, weight, bias=None):
+    """Fake kernel paths that change with the row count: classes 1-3, 4-9 (with 6 position-dependent), 10 and up."""
+    count = x.shape[0]
+    out = torch.zeros(count, weight.shape[0])
+    if 4 <= count <= 9:
+        out += 1
+    elif count >= 10:
+        out += 2
+    if count == 6:
+        out[-1] += 5
+    return out
+
+
 def test_probe_picks_longest_class_run(monkeypatch):
-    """Kernel paths that change with the row count, faked: classes 1-3, 4-9 (with 6 position-dependent), 10-12."""
-
-    def fake_linear(x, weight, bias=None):
-        count = x.shape[0]
-        out = torch.zeros(count, weight.shape[0])
-        out += 0 if count <= 3 else (1 if count <= 9 else 2)
-        if count == 6:
-            out[-1] += 5
-        return out
-
     layer = torch.nn.Linear(4, 3)
     monkeypatch.setattr(torch.nn.functional, "linear", fake_linear)
     assert row_attention.invariant_rows(layer, max_rows=12) == row_attention.RowRange(1, 3)
     assert row_attention.invariant_rows(layer, max_rows=20) == row_attention.RowRange(10, 20)
+
+
+def test_row_classes_group_counts(monkeypatch):
+    from bench.row_classes import class_runs
+
+    layer = torch.nn.Linear(4, 3)
+    monkeypatch.setattr(torch.nn.functional, "linear", fake_linear)
+    classes = row_attention.row_classes(layer, max_rows=12)
+    assert classes[1] == (0,)
+    assert classes[4] == (1,)
+    assert classes[6] == (None,)
+    assert classes[12] == (2,)
+    assert class_runs(classes) == [(1, 3, (0,)), (4, 5, (1,)), (6, 6, (None,)), (7, 9, (1,)), (10, 12, (2,))]
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
