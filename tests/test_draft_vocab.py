@@ -54,7 +54,36 @@ def test_subset_grows_with_request_tokens():
     engine.sync(seq, len(PROMPT), [120, 121])
     assert {120, 121} <= vocab.known
     assert seq.ids == PROMPT + [120, 121]
-    assert vocab.to_token_ids(torch.tensor([0, len(vocab.known) - 1])).tolist() == [0, 127]
+    # Columns list the main layer's ids in order, then the ids added since, in the order they joined.
+    expected_ids = sorted(set(range(32)) | {127}) + sorted({100, 90, 41, 5, 2, 17, 7} - set(range(32))) + [120, 121]
+    assert vocab.to_token_ids(torch.arange(len(vocab.known))).tolist() == expected_ids
+
+
+def test_added_tokens_score_like_full_layer():
+    model = tiny_qwen2(seed=3)
+    full_head = copy.deepcopy(model.get_output_embeddings())
+    vocab = VocabSubset(model, 32, keep_ids=[], quantize=False)
+    vocab.add(model, [100, 40, 100])
+    vocab.add(model, [77])
+    hidden = torch.randn(3, full_head.in_features)
+    with torch.no_grad():
+        logits = model.get_output_embeddings()(hidden)
+        expected = full_head(hidden)[:, vocab.ids]
+    assert vocab.ids.tolist() == list(range(32)) + [40, 100, 77]
+    assert torch.allclose(logits, expected, atol=1e-5)
+
+
+def test_full_side_layer_rebuilds_main_layer(monkeypatch):
+    monkeypatch.setattr("services.draft.vocab.MAX_ADDED_ROWS", 2)
+    model = tiny_qwen2(seed=3)
+    vocab = VocabSubset(model, 32, keep_ids=[], quantize=True)
+    vocab.add(model, [50, 60])
+    assert vocab.added_ids == [50, 60]
+    vocab.add(model, [45])
+    assert vocab.added_ids == []
+    assert vocab.ids.tolist() == list(range(32)) + [45, 50, 60]
+    assert model.get_output_embeddings().out_features == 35
+    assert not vocab.add(model, [45, 60])
 
 
 def test_sampled_proposals_stay_in_subset():
