@@ -263,6 +263,11 @@ class PackedBatch:
         for source, destination in zip(self.cache.layers, cache.layers):
             destination.update(source.keys.index_select(-2, appended), source.values.index_select(-2, appended))
 
+    def appended_layers(self, i: int, start: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Return per layer copies of the keys and values of the tokens appended for sequence ``i``, from its ``start``-th on."""
+        appended = self._packed_indices(i)[self.original_lengths[i] + start :]
+        return [(layer.keys.index_select(-2, appended), layer.values.index_select(-2, appended)) for layer in self.cache.layers]
+
     def crop(self, length: int) -> None:
         """Drop every token after the first ``length`` tokens of the packed cache, for all sequences.
 

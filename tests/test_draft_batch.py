@@ -172,6 +172,40 @@ def test_batch_twice_matches_sequential():
         assert_same_state(batched_job.seq, sequential_job.seq)
 
 
+def test_batch_after_hits_matches_sequential():
+    """A step after a hit takes its glue rows from the batched tree, and matches a full glue."""
+    model = noisy_draft()
+    engines = {name: DraftEngine(model, torch.device("cpu")) for name in ("batched", "sequential", "no reuse")}
+    jobs = {name: prepare(engine) for name, engine in engines.items()}
+    first = engines["batched"].build_cache_batch(jobs["batched"])
+    build_sequentially(engines["sequential"], jobs["sequential"])
+    build_sequentially(engines["no reuse"], jobs["no reuse"])
+    for job in jobs["no reuse"]:
+        job.seq.tree = None
+
+    def next_step(step_jobs: list[BuildJob]) -> list[BuildJob]:
+        # Commit r..s_j and the last branch's c, then verify the branch's speculation; a job without branches misses.
+        steps = []
+        for job, build in zip(step_jobs, first):
+            root = job.tokens[job.root_offset :]
+            branch = build.branches[-1] if build.branches else None
+            accepted = branch.accepted if branch else 1
+            speculation = [branch.token] + branch.tokens if branch else [77, 1, 2, 3, 4]
+            steps.append(BuildJob(seq=job.seq, base_len=job.base_len + job.root_offset, tokens=root[: accepted + 1] + speculation, fanout=job.fanout, k=K, root_offset=accepted + 1))
+        return steps
+
+    assert all((job.seq.tree is not None) == bool(build.branches) for job, build in zip(jobs["batched"], first))
+    batched = engines["batched"].build_cache_batch(next_step(jobs["batched"]))
+    sequential = build_sequentially(engines["sequential"], next_step(jobs["sequential"]))
+    reference = build_sequentially(engines["no reuse"], next_step(jobs["no reuse"]))
+
+    assert_same_builds(batched, sequential, jobs["batched"])
+    assert_same_builds(batched, reference, jobs["batched"])
+    for batched_job, sequential_job, reference_job in zip(jobs["batched"], jobs["sequential"], jobs["no reuse"]):
+        assert_same_state(batched_job.seq, sequential_job.seq)
+        assert_same_state(batched_job.seq, reference_job.seq)
+
+
 def test_batch_of_one_skips_packing(monkeypatch):
     model = noisy_draft()
     engine = DraftEngine(model, torch.device("cpu"))

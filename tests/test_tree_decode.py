@@ -90,3 +90,97 @@ def test_sync_reuses_matching_prefix():
     with torch.inference_mode():
         alone = model(input_ids=torch.tensor([[1, 2, 3, 4, 5, 9]])).logits[0, -1]
     assert seq.candidates[-1][0] == int(torch.argmax(alone))
+
+
+def _count_forward_tokens(engine: DraftEngine) -> list[int]:
+    """Record the number of tokens of every ``engine._forward`` call in the returned list."""
+    counts: list[int] = []
+    forward = engine._forward
+
+    def counting(seq, tokens, positions, mask=None):
+        counts.append(len(tokens))
+        return forward(seq, tokens, positions, mask)
+
+    engine._forward = counting
+    return counts
+
+
+def _build_then_sync(pick, reuse: bool):
+    """Build a cache, then sync to the speculation of the branch ``pick`` selects; return the engine, sequence, branch and forward sizes."""
+    model = tiny_qwen2(seed=5)
+    engine = DraftEngine(model, torch.device("cpu"))
+    prompt = [5, 17, 33, 2, 90, 41, 7]
+    glue = [12, 60, 3, 99, 30]  # r, s1..s4
+    seq = engine.prefill("r5", prompt)
+    build = engine.build_cache(seq, len(prompt), glue, fanout=[2, 1, 1, 1, 2], k=4)
+    branch = pick(build.branches)
+    if not reuse:
+        seq.tree = None
+    counts = _count_forward_tokens(engine)
+    # The verifier committed r, s1..sj and c, and now verifies the branch's tokens.
+    base_len = len(prompt) + branch.accepted + 1
+    engine.sync(seq, len(prompt), glue[: branch.accepted + 1] + [branch.token] + branch.tokens)
+    return engine, seq, branch, counts, base_len
+
+
+def _assert_same_sequence(seq, reference) -> None:
+    assert seq.ids == reference.ids
+    assert seq.candidates == reference.candidates
+    for layer, expected in zip(seq.cache.layers, reference.cache.layers):
+        torch.testing.assert_close(layer.keys, expected.keys, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(layer.values, expected.values, rtol=1e-4, atol=1e-5)
+
+
+def test_sync_after_hit_reuses_tree_rows():
+    picks = {
+        "rejection at s2": lambda branches: next(b for b in branches if b.accepted == 1),
+        "all accepted": lambda branches: next(b for b in branches if b.accepted == 4),
+    }
+    for label, pick in picks.items():
+        engine, seq, branch, counts, base_len = _build_then_sync(pick, reuse=True)
+        reference_engine, reference, _, reference_counts, _ = _build_then_sync(pick, reuse=False)
+        assert counts == [1], f"{label}: only the branch's last token runs"
+        assert reference_counts == [5], label
+        _assert_same_sequence(seq, reference)
+        assert seq.ids[base_len:] == [branch.token] + branch.tokens, label
+
+        # The next build from the reused rows equals one from a full glue.
+        tokens = [branch.token] + branch.tokens
+        build = engine.build_cache(seq, base_len, tokens, fanout=[2, 1, 1, 1, 2], k=4)
+        expected = reference_engine.build_cache(reference, base_len, tokens, fanout=[2, 1, 1, 1, 2], k=4)
+        assert [(b.accepted, b.token, b.tokens) for b in build.branches] == [(b.accepted, b.token, b.tokens) for b in expected.branches], label
+        assert build.candidates == expected.candidates, label
+
+
+def test_sync_after_miss_runs_every_token():
+    model = tiny_qwen2(seed=5)
+    engine = DraftEngine(model, torch.device("cpu"))
+    prompt = [5, 17, 33, 2, 90, 41, 7]
+    glue = [12, 60, 3, 99, 30]
+    seq = engine.prefill("r6", prompt)
+    build = engine.build_cache(seq, len(prompt), glue, fanout=[2, 1, 1, 1, 2], k=4)
+    missed = next(t for t in range(100) if all(b.token != t for b in build.branches if b.accepted == 2))
+    counts = _count_forward_tokens(engine)
+    engine.sync(seq, len(prompt), glue[:3] + [missed, 8, 9])
+    assert counts == [3]
+    assert seq.tree is None
+    assert seq.ids == prompt + glue[:3] + [missed, 8, 9]
+
+
+def test_tree_dropped_when_sequence_changes():
+    model = tiny_qwen2(seed=5)
+    engine = DraftEngine(model, torch.device("cpu"))
+    prompt = [5, 17, 33, 2, 90, 41, 7]
+    glue = [12, 60, 3, 99, 30]
+    seq = engine.prefill("r7", prompt)
+    build = engine.build_cache(seq, len(prompt), glue, fanout=[2, 1, 1, 1, 2], k=4)
+    assert seq.tree is not None
+    branch = next(b for b in build.branches if b.accepted == 4)
+    # A draft after the build extends the sequence, so the tree rows no longer sit where the tree put them.
+    engine.draft(seq, 2)
+    assert seq.tree is None
+    # The draft's first token is the top candidate after s4, which is the branch's c.
+    assert seq.ids[-1] == branch.token
+    counts = _count_forward_tokens(engine)
+    engine.sync(seq, len(prompt), glue + [branch.token] + branch.tokens)
+    assert counts == [len(branch.tokens)], "the branch's tokens run again instead of coming from the tree"

@@ -7,6 +7,12 @@ token after j accepted drafts. Tree runs K batched forwards that decode every
 branch at once over one shared KV with a tree attention mask. Publish, done by
 the caller, writes the entries to Redis.
 
+After a hit the next glue is short: the cache entry that hit holds the
+tokens [c, t1..tK] that the next step verifies, and the tree already computed
+the KV and candidates of c..t_{K-1}. A build keeps its tree KV (``TreeCache``)
+until the next ``sync``, which copies the hit branch's rows into the sequence
+and runs only t_K. Without this, glue ran K + 1 tokens after every hit.
+
 ``build_cache_batch`` runs glue and tree for the steps of several sequences
 at once: one packed forward for all glue tokens and one per tree depth for all
 branches (see ``shared.packing``), so the weights are read once per forward
@@ -53,8 +59,11 @@ class DraftSequence:
     proposal: ProposalParams | None = None
     # The draft's logits [V] after the last token in ``ids``.
     last_logits: torch.Tensor | None = None
+    # The last cache build's tree, valid until ``ids`` changes in any other way than ``sync`` reusing it.
+    tree: TreeCache | None = None
 
     def crop(self, length: int) -> None:
+        self.tree = None
         if length < len(self.ids):
             crop_cache(self.cache, length)
             del self.ids[length:]
@@ -68,6 +77,22 @@ class Branch:
     token: int  # c, the committed token the branch starts with
     tokens: list[int] = field(default_factory=list)  # the K draft tokens decoded after c
     proposals: list[Proposal] = field(default_factory=list)  # q of each token when drafts are sampled
+
+
+@dataclass
+class TreeCache:
+    """The tree tokens of a sequence's last cache build: their KV and candidates, kept for the next ``sync``.
+
+    Tree row ``(d - 1) * len(branches) + b`` is branch b's token at depth d
+    (c at d = 1), as in ``DraftEngine.tree_allowed``.
+    """
+
+    root_pos: int
+    branches: list[Branch]
+    # Per model layer: keys and values [batch, kv_heads, k * len(branches), head_dim] of the tree rows.
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+    # candidates[d - 1][b]: the draft's top MAX_CANDIDATES tokens after branch b's token at depth d.
+    candidates: list[list[list[int]]]
 
 
 @dataclass
@@ -139,10 +164,15 @@ class DraftEngine:
 
     def _record(self, seq: DraftSequence, tokens: list[int], logits: torch.Tensor) -> None:
         """Append ``tokens``, whose KV is already in ``seq.cache``, with the candidates from their ``logits``."""
-        top = self.token_ids(torch.topk(logits.float(), MAX_CANDIDATES, dim=-1).indices).tolist()
+        top = self.top_candidates(logits)
+        seq.tree = None
         seq.ids.extend(tokens)
         seq.candidates.extend(top)
         seq.last_logits = logits[-1]
+
+    def top_candidates(self, logits: torch.Tensor) -> list[list[int]]:
+        """Return the top MAX_CANDIDATES token ids of each row of ``logits``, best first."""
+        return self.token_ids(torch.topk(logits.float(), MAX_CANDIDATES, dim=-1).indices).tolist()
 
     def choose(self, seq: DraftSequence, logits: torch.Tensor, positions: list[int], draft_indices: list[int]) -> tuple[list[int], list[Proposal]]:
         """Pick the draft token for each row of ``logits``: the argmax, or a sample of the sequence's proposal q.
@@ -187,11 +217,39 @@ class DraftEngine:
         Tokens already in the sequence at the right place are reused. The first
         ``base_len`` tokens must be ones the sequence has seen.
         """
+        tree = seq.tree
         keep = self._reusable_length(seq, base_len, tokens)
         seq.crop(keep)
         self.observe_tokens(tokens)
-        self._extend(seq, tokens[keep - base_len :])
+        rest = tokens[keep - base_len :]
+        reused = self._reuse_tree(seq, tree, rest[:-1])
+        self._extend(seq, rest[reused:])
         seq.last_used = time.monotonic()
+
+    def _reuse_tree(self, seq: DraftSequence, tree: TreeCache | None, tokens: list[int]) -> int:
+        """Append to ``seq`` the leading ``tokens`` that a branch of ``tree`` decoded at this place; return how many.
+
+        The tree rows attended to ``seq.ids`` as the build left them, so they are
+        valid only right after ``seq`` was cropped to the branch's start.
+        """
+        if tree is None or not tokens:
+            return 0
+        accepted = len(seq.ids) - tree.root_pos - 1
+        index = next((b for b, branch in enumerate(tree.branches) if branch.accepted == accepted and branch.token == tokens[0]), None)
+        if index is None:
+            return 0
+        branch = tree.branches[index]
+        depth = len(tree.candidates)
+        count = 1
+        while count < min(len(tokens), depth) and tokens[count] == branch.tokens[count - 1]:
+            count += 1
+        rows = torch.arange(count, device=self.device) * len(tree.branches) + index
+        for (keys, values), layer in zip(tree.layers, seq.cache.layers):
+            layer.update(keys.index_select(-2, rows), values.index_select(-2, rows))
+        seq.ids.extend(tokens[:count])
+        seq.candidates.extend(tree.candidates[d][index] for d in range(count))
+        seq.last_logits = None
+        return count
 
     def _reusable_length(self, seq: DraftSequence, base_len: int, tokens: list[int]) -> int:
         """Return how many leading tokens of ``ids[:base_len] + tokens`` the sequence already contains."""
@@ -242,11 +300,14 @@ class DraftEngine:
         missing = []
         for job in jobs:
             self.observe_tokens(job.tokens)
+            tree = job.seq.tree
             keep = self._reusable_length(job.seq, job.base_len, job.tokens)
             # Run at least the last token again, so every job has fresh logits to draft from.
             keep = min(keep, job.base_len + len(job.tokens) - 1)
             job.seq.crop(keep)
-            missing.append(job.tokens[keep - job.base_len :])
+            rest = job.tokens[keep - job.base_len :]
+            reused = self._reuse_tree(job.seq, tree, rest[:-1])
+            missing.append(rest[reused:])
             job.seq.last_used = time.monotonic()
 
         batch = PackedBatch(self.model, [job.seq.cache for job in jobs])
@@ -329,20 +390,24 @@ class DraftEngine:
         return mask[None, None].to(self.device)
 
     def tree_decode(self, seq: DraftSequence, base_len: int, branches: list[Branch], k: int) -> None:
-        """Decode ``k`` tokens on every branch, one batched forward per depth, then drop the tree KV."""
+        """Decode ``k`` tokens on every branch, one batched forward per depth, and move the tree KV to ``seq.tree``."""
         if not branches:
             return
         cache_len = len(seq.ids)
         inputs = [branch.token for branch in branches]
+        candidates = []
         try:
             for depth in range(1, k + 1):
                 positions = [base_len + branch.accepted + depth for branch in branches]
                 mask = self.tree_mask(base_len, cache_len, branches, depth)
                 logits = self._forward(seq, inputs, positions, mask)
+                candidates.append(self.top_candidates(logits))
                 inputs, proposals = self.choose(seq, logits, [p + 1 for p in positions], [depth - 1] * len(branches))
                 self._append_choices(branches, inputs, proposals)
+            layers = [(layer.keys[..., cache_len:, :].clone(), layer.values[..., cache_len:, :].clone()) for layer in seq.cache.layers]
         finally:
             crop_cache(seq.cache, cache_len)
+        seq.tree = TreeCache(root_pos=base_len, branches=branches, layers=layers, candidates=candidates)
 
     @staticmethod
     def _append_choices(branches: list[Branch], tokens: list[int], proposals: list[Proposal]) -> None:
@@ -428,9 +493,12 @@ class DraftEngine:
         missing = []
         for job in jobs:
             self.observe_tokens(job.tokens)
+            tree = job.seq.tree
             keep = self._reusable_length(job.seq, job.base_len, job.tokens)
             job.seq.crop(keep)
-            missing.append(job.tokens[keep - job.base_len :])
+            rest = job.tokens[keep - job.base_len :]
+            reused = self._reuse_tree(job.seq, tree, rest[:-1])
+            missing.append(rest[reused:])
 
         batch = PackedBatch(self.model, [job.seq.cache for job in jobs])
         positions = [list(range(len(job.seq.ids), len(job.seq.ids) + len(tokens))) for job, tokens in zip(jobs, missing)]
@@ -446,11 +514,13 @@ class DraftEngine:
         """Decode ``k`` tokens on every job's branches, one packed forward per depth.
 
         The tree KV goes only into ``batch``'s packed cache, never into the
-        sequences' caches, and is dropped with the batch.
+        sequences' caches. Each job's part of it is copied to its ``seq.tree``.
         """
         if not any(branches):
             return
         cache_lens = [len(job.seq.ids) for job in jobs]
+        glue_counts = [batch.appended_count(i) for i in range(len(jobs))]
+        candidates: list[list[list[list[int]]]] = [[] for _ in jobs]
         inputs = [[branch.token for branch in seq_branches] for seq_branches in branches]
         for depth in range(1, jobs[0].k + 1):
             positions = [[root_pos + branch.accepted + depth for branch in seq_branches] for root_pos, seq_branches in zip(root_positions, branches)]
@@ -463,5 +533,10 @@ class DraftEngine:
                 if not branches[i]:
                     continue
                 next_positions = [p + 1 for p in positions[i]]
+                candidates[i].append(self.top_candidates(logits[i]))
                 inputs[i], proposals = self.choose(job.seq, logits[i], next_positions, [depth - 1] * len(branches[i]))
                 self._append_choices(branches[i], inputs[i], proposals)
+        for i, (job, root_pos) in enumerate(zip(jobs, root_positions)):
+            if branches[i]:
+                layers = batch.appended_layers(i, glue_counts[i])
+                job.seq.tree = TreeCache(root_pos=root_pos, branches=branches[i], layers=layers, candidates=candidates[i])
