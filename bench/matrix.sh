@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 
 # Greedy HumanEval, same target hardware: SSD against AR, SD and HF assisted generation.
-$PY -m bench.run_bench --name humaneval-greedy-16x128 --num-prompts 16 --max-tokens 128 --modes ar,sd,ssd,hf
+$PY -m bench.run_bench --name humaneval-greedy-16x128 --num-prompts 16 --max-tokens 128 --modes ar,sd,ssd,hf --interleave
 # T = 0.7: coupled SSD against the rejection test with Saguaro sampling factors C.
 $PY -m bench.run_bench --name humaneval-t0.7-saguaro-c --num-prompts 8 --max-tokens 64 --temperature 0.7 \
     --modes ar,sd,ssd,ssd-c1,ssd-c0.7,ssd-c0.5,ssd-c0.3

@@ -85,48 +85,101 @@ def load_prompt_ids(name: str, count: int) -> list[list[int]]:
     return [tokenizer(text)["input_ids"] for text in load_prompts(name, count)]
 
 
+class SaguaroRun:
+    """One Saguaro mode deployed as draft and verify processes, with the requests it has served.
+
+    AR mode starts no draft service, because its verifier never calls one.
+    """
+
+    def __init__(self, label: str, env: dict[str, str], log_dir: Path, temperature: float = 0.0):
+        import redis
+
+        from services.launcher import Stack
+
+        self.label = label
+        self.temperature = temperature
+        self.namespace = f"bench-{uuid.uuid4().hex[:8]}"
+        services = ("verify",) if env.get("SAGUARO_MODE") == "ar" else ("draft", "verify")
+        self.stack = Stack(env={**env, "SAGUARO_NAMESPACE": self.namespace}, services=services, log_dir=log_dir / label, start_timeout_s=600)
+        self.requests: list[dict] = []
+        self.stack.start()
+        self.client = redis.Redis.from_url(self.stack.redis_url)
+
+    def warm_up(self, prompt_ids: list[int]) -> None:
+        """Send one short request, so first-call allocations are not timed."""
+        from bench.direct_client import generate
+
+        generate(self.client, self.namespace, prompt_ids, temperature=0.0, max_tokens=4, ignore_eos=True, timeout_s=600)
+
+    def run_prompt(self, index: int, prompt_ids: list[int], max_tokens: int) -> None:
+        """Generate for one prompt and record its statistics."""
+        from bench.direct_client import generate
+
+        started = time.perf_counter()
+        # Seeds follow the prompt index, so every mode samples the same tokens at T > 0.
+        result = generate(
+            self.client, self.namespace, prompt_ids, temperature=self.temperature, seed=index, max_tokens=max_tokens, ignore_eos=True, timeout_s=1800
+        )
+        wall = time.perf_counter() - started
+        if result.finish is None:
+            raise RuntimeError(f"{self.label}: request {index} failed: {result.error}")
+        stats = result.finish.stats
+        self.requests.append({
+            "tokens": result.token_ids,
+            "completion_tokens": result.finish.usage.completion_tokens,
+            "wall_s": wall,
+            "ttft_s": stats.ttft_s,
+            "decode_s": stats.decode_s,
+            "first_step_tokens": stats.first_step_tokens,
+            "steps": stats.steps,
+            "accepted_tokens": stats.accepted_tokens,
+            "drafted_tokens": stats.drafted_tokens,
+            "accepted_per_pos": stats.accepted_per_pos,
+            "cache_hits": stats.cache_hits,
+            "cache_misses": stats.cache_misses,
+            "verify_s": stats.verify_s,
+            "wait_draft_s": stats.wait_draft_s,
+            "hit_wait_s": stats.hit_wait_s,
+            "cache_build_s": getattr(stats, "cache_build_s", 0.0),
+        })
+        decoded = len(result.token_ids) - max(stats.first_step_tokens, 1)
+        logger.info("%s prompt %d: %.2f tokens/s decode, %d steps", self.label, index, decoded / max(stats.decode_s, 1e-9), stats.steps)
+
+    def stop(self) -> None:
+        self.stack.stop()
+
+
 def run_saguaro_mode(label: str, env: dict[str, str], prompts: list[list[int]], max_tokens: int, log_dir: Path, temperature: float = 0.0) -> dict:
-    import redis
-
-    from bench.direct_client import generate
-    from services.launcher import Stack
-
-    namespace = f"bench-{uuid.uuid4().hex[:8]}"
-    env = {**env, "SAGUARO_NAMESPACE": namespace}
-    requests = []
-    with Stack(env=env, services=("draft", "verify"), log_dir=log_dir / label, start_timeout_s=600) as stack:
-        client = redis.Redis.from_url(stack.redis_url)
-        # One short warm-up request so first-call allocations are not timed.
-        generate(client, namespace, prompts[0], temperature=0.0, max_tokens=4, ignore_eos=True, timeout_s=600)
+    """Deploy one mode, run every prompt through it, stop it, and return its summary."""
+    run = SaguaroRun(label, env, log_dir, temperature)
+    try:
+        run.warm_up(prompts[0])
         for index, prompt_ids in enumerate(prompts):
-            started = time.perf_counter()
-            # Seeds follow the prompt index, so every mode samples the same tokens at T > 0.
-            result = generate(client, namespace, prompt_ids, temperature=temperature, seed=index, max_tokens=max_tokens, ignore_eos=True, timeout_s=1800)
-            wall = time.perf_counter() - started
-            if result.finish is None:
-                raise RuntimeError(f"{label}: request {index} failed: {result.error}")
-            stats = result.finish.stats
-            requests.append({
-                "tokens": result.token_ids,
-                "completion_tokens": result.finish.usage.completion_tokens,
-                "wall_s": wall,
-                "ttft_s": stats.ttft_s,
-                "decode_s": stats.decode_s,
-                "first_step_tokens": stats.first_step_tokens,
-                "steps": stats.steps,
-                "accepted_tokens": stats.accepted_tokens,
-                "drafted_tokens": stats.drafted_tokens,
-                "accepted_per_pos": stats.accepted_per_pos,
-                "cache_hits": stats.cache_hits,
-                "cache_misses": stats.cache_misses,
-                "verify_s": stats.verify_s,
-                "wait_draft_s": stats.wait_draft_s,
-                "hit_wait_s": stats.hit_wait_s,
-                "cache_build_s": getattr(stats, "cache_build_s", 0.0),
-            })
-            decoded = len(result.token_ids) - max(stats.first_step_tokens, 1)
-            logger.info("%s prompt %d: %.2f tokens/s decode, %d steps", label, index, decoded / max(stats.decode_s, 1e-9), stats.steps)
-    return summarize(label, requests)
+            run.run_prompt(index, prompt_ids, max_tokens)
+    finally:
+        run.stop()
+    return summarize(label, run.requests)
+
+
+def run_saguaro_interleaved(configs: list[tuple[str, dict[str, str]]], prompts: list[list[int]], max_tokens: int, log_dir: Path, temperature: float = 0.0) -> list[dict]:
+    """Deploy every mode at once and run each prompt through the modes in turn; return their summaries.
+
+    A slow spell of a shared machine then slows every mode about equally, where
+    running the modes one after another would charge it to one mode.
+    """
+    runs: list[SaguaroRun] = []
+    try:
+        for label, env in configs:
+            runs.append(SaguaroRun(label, env, log_dir, temperature))
+        for run in runs:
+            run.warm_up(prompts[0])
+        for index, prompt_ids in enumerate(prompts):
+            for run in runs:
+                run.run_prompt(index, prompt_ids, max_tokens)
+    finally:
+        for run in runs:
+            run.stop()
+    return [summarize(run.label, run.requests) for run in runs]
 
 
 def mode_settings(mode: str, args) -> tuple[str, dict[str, str]]:
@@ -245,7 +298,8 @@ def render_markdown(result: dict) -> str:
         + ("greedy" if result.get("temperature", 0.0) == 0.0 else f"temperature {result['temperature']}, seed = prompt index"),
         f"- placement: {result['placement']}",
         f"- models: target `{result['target_model']}` ({result.get('target_dtype', 'bfloat16')}), draft `{result['draft_model']}` ({result['draft_precision']})",
-        f"- started {result['started']}, took {result['elapsed_s'] / 60:.1f} min",
+        f"- started {result['started']}, took {result['elapsed_s'] / 60:.1f} min"
+        + ("; the Saguaro modes ran interleaved, prompt by prompt" if result.get("interleaved") else ""),
         "",
         "| mode | tokens/s (end to end) | decode tokens/s | vs AR (decode) | mean acceptance length | cache hit rate | verify ms/step | draft wait ms/step | cache build ms/step | TTFT s |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -295,6 +349,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ssd-k", type=int, default=4, help="K in SSD mode")
     parser.add_argument("--fanout-budget", type=int, default=8, help="MQ_LEN in SSD mode")
     parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature of the Saguaro modes; Hugging Face assisted generation runs only at 0")
+    parser.add_argument(
+        "--interleave",
+        action="store_true",
+        help="deploy the Saguaro modes at once and run each prompt through them in turn (needs memory for every mode's models); hf still runs last",
+    )
     parser.add_argument("--name", default="", help="result file name (default: <prompt set>-<date>)")
     parser.add_argument("--out-dir", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args(argv)
@@ -319,6 +378,10 @@ def main(argv: list[str] | None = None) -> int:
 
     runs = []
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if args.interleave:
+        configs = [mode_settings(mode, args) for mode in modes if mode != "hf"]
+        runs.extend(run_saguaro_interleaved(configs, prompts, args.max_tokens, log_dir, args.temperature))
+        modes = [mode for mode in modes if mode == "hf"]
     for mode in modes:
         if mode == "hf":
             if args.temperature != 0.0:
@@ -366,6 +429,7 @@ def main(argv: list[str] | None = None) -> int:
         "target_dtype": target_dtype,
         "draft_model": settings.draft_model,
         "draft_precision": "int8 dynamic quantization" if settings.draft_quantization == "int8" else target_dtype,
+        "interleaved": args.interleave,
         "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
         "elapsed_s": time.time() - started,
         "runs": runs,
