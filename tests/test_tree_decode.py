@@ -184,3 +184,18 @@ def test_tree_dropped_when_sequence_changes():
     counts = _count_forward_tokens(engine)
     engine.sync(seq, len(prompt), glue + [branch.token] + branch.tokens)
     assert counts == [len(branch.tokens)], "the branch's tokens run again instead of coming from the tree"
+
+
+def test_sync_after_empty_tree_runs_every_token():
+    model = tiny_qwen2(seed=5)
+    engine = DraftEngine(model, torch.device("cpu"))
+    prompt = [5, 17, 33, 2, 90, 41, 7]
+    glue = [12, 60, 3, 99, 30]
+    seq = engine.prefill("r8", prompt)
+    # k = 0 decodes no tree rows, so a branch's c has no KV to reuse.
+    build = engine.build_cache(seq, len(prompt), glue, fanout=[1, 1, 1, 1, 1], k=0)
+    branch = build.branches[0]
+    counts = _count_forward_tokens(engine)
+    engine.sync(seq, len(prompt), glue[: branch.accepted + 1] + [branch.token, 8, 9])
+    assert counts == [3]
+    assert seq.ids == prompt + glue[: branch.accepted + 1] + [branch.token, 8, 9]

@@ -232,7 +232,7 @@ class DraftEngine:
         The tree rows attended to ``seq.ids`` as the build left them, so they are
         valid only right after ``seq`` was cropped to the branch's start.
         """
-        if tree is None or not tokens:
+        if tree is None or not tokens or not tree.candidates:
             return 0
         accepted = len(seq.ids) - tree.root_pos - 1
         index = next((b for b, branch in enumerate(tree.branches) if branch.accepted == accepted and branch.token == tokens[0]), None)
