@@ -52,6 +52,8 @@ IMPLEMENTATION = "saguaro_rows"
 PROBE_MAX_ROWS = 64
 # Output features a probe uses at most per layer, so that the probe takes seconds.
 # NOTE: this assumes that a kernel sums a row the same way for every output-feature count above it.
+# For Qwen2.5-Coder-1.5B on an AMX Xeon a probe of every feature gave the same classes
+# (bench/results/row-classes-full.md); other CPUs and kernels are unchecked.
 PROBE_MAX_FEATURES = 1024
 
 
@@ -241,14 +243,14 @@ def _results_by_count(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 
 
 @torch.inference_mode()
-def row_classes(model, max_rows: int = PROBE_MAX_ROWS) -> dict[int, tuple[int | None, ...]]:
+def row_classes(model, max_rows: int = PROBE_MAX_ROWS, max_features: int | None = PROBE_MAX_FEATURES) -> dict[int, tuple[int | None, ...]]:
     """Return, for each row count from 1 to ``max_rows``, the class of that count in each distinct linear layer of ``model``.
 
     For each distinct layer shape, dtype and bias the probe computes
     ``max_rows`` input rows in forwards of every count from 1 to ``max_rows``
     rows, so each row sits at many positions among different neighbours. Its
     weight and inputs (``_order_probe``) have the layer's shape, up to
-    ``PROBE_MAX_FEATURES`` outputs. Two counts belong to one class when every
+    ``max_features`` outputs (None: all of them). Two counts belong to one class when every
     result is the same bits, and class indices count up from 0 in the order
     the counts first appear. A count at which reversing the rows of each
     forward changes a result belongs to no class (None). The classes are valid
@@ -264,7 +266,7 @@ def row_classes(model, max_rows: int = PROBE_MAX_ROWS) -> dict[int, tuple[int | 
     classes: dict[int, list[int | None]] = {count: [] for count in counts}
     for (in_features, out_features, dtype, _), layer in layers.items():
         device = layer.weight.device
-        features = min(out_features, PROBE_MAX_FEATURES)
+        features = out_features if max_features is None else min(out_features, max_features)
         weight, x = _order_probe(features, in_features, dtype, max_rows, generator)
         weight, x = weight.to(device), x.to(device)
         bias = None if layer.bias is None else layer.bias[:features]
@@ -289,7 +291,12 @@ def invariant_rows(model, max_rows: int = PROBE_MAX_ROWS) -> RowRange | None:
     ``row_classes`` for every layer (the lowest on a tie). None means that no
     count qualifies.
     """
-    classes = row_classes(model, max_rows)
+    return widest_range(row_classes(model, max_rows))
+
+
+def widest_range(classes: dict[int, tuple[int | None, ...]]) -> RowRange | None:
+    """Return the longest run of consecutive counts of ``classes`` (from ``row_classes``) in one class for every layer, or None."""
+    max_rows = max(classes)
     best: tuple[int, int] | None = None
     low = None
     for count in range(1, max_rows + 2):
