@@ -17,7 +17,8 @@ $PY -m bench.fanout_bench --name fanout-t0.7-budgets --temperature 0.7 --num-pro
 $PY -m bench.concurrency --name concurrency-humaneval --num-prompts 8 --max-tokens 64 --levels 1,4,8 --modes ar,sd,ssd
 # Same total hardware: AR, SD and HF assisted may use both cores.
 $PY -m bench.run_bench --name humaneval-greedy-8x64-same-total --num-prompts 8 --max-tokens 64 --modes ar,sd,ssd,hf --hardware same-total
-# Draft speed: the cache build by phase, and SD and SSD with a sub-vocabulary draft output layer.
+# Draft speed: the output layer admitting new tokens, the cache build by phase, and SD and SSD with a sub-vocabulary draft output layer.
+$PY -m bench.draft_vocab_growth
 $PY -m bench.draft_speed --name draft-speed-vocab --num-prompts 2 --steps 4 --variants int8,int8-v65536,int8-v32768
 $PY -m bench.run_bench --name humaneval-greedy-8x64-vocab --num-prompts 8 --max-tokens 64 --modes sd,ssd,sd-v32768,ssd-v32768
 # The cost of batch-invariant row attention in the target's decode forwards.
