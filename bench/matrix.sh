@@ -23,8 +23,11 @@ $PY -m bench.draft_speed --name draft-speed-vocab --num-prompts 2 --steps 4 --va
 $PY -m bench.run_bench --name humaneval-greedy-8x64-vocab --num-prompts 8 --max-tokens 64 --modes sd,ssd,sd-v32768,ssd-v32768
 # The cost of batch-invariant row attention in the target's decode forwards.
 $PY -m bench.row_attention
-# The row counts at which the target's linear layers round alike, and the range the verifier picks.
+# The row counts at which the target's linear layers round alike and the counts the verifier picks, also with every output feature probed and with the instruction sets capped.
 $PY -m bench.row_classes
+$PY -m bench.row_classes --name row-classes-full --max-features 0
+ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 $PY -m bench.row_classes --name row-classes-avx512bf16 --dtypes bfloat16
+MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 $PY -m bench.row_classes --name row-classes-avx2 --dtypes float32
 # Stalls of a running stream while a long prompt is prefilled, chunked and whole.
 $PY -m bench.prefill_stall --name prefill-stall --chunks 256,4096
 # Prose and maths.

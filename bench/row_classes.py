@@ -1,9 +1,9 @@
 """Show which row counts the target's linear layers round alike, on one CPU core, by dtype.
 
 The verify service pads or splits the rows of every decode forward's linear
-layers into the widest range of row counts that round alike
+layers into the largest class of row counts that round alike
 (``shared.row_attention.invariant_rows``). This benchmark prints the runs of
-consecutive counts that share a class, so the kernel paths behind that range
+consecutive counts that share a class, so the kernel paths behind that class
 can be read off for the machine at hand.
 
 Writes ``bench/results/<name>.md`` and ``.json``.
@@ -62,11 +62,13 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         classes = row_attention.row_classes(model, max_features=max_features)
         probe_s = time.perf_counter() - started
-        chosen = row_attention.widest_range(classes)
+        chosen = row_attention.largest_class(classes)
         results[dtype] = {
             "probe_s": probe_s,
             "runs": [{"first": first, "last": last, "classes": list(layer_classes)} for first, last, layer_classes in class_runs(classes)],
             "range": None if chosen is None else [chosen.low, chosen.high],
+            "counts": None if chosen is None else sorted(chosen.counts or range(chosen.low, chosen.high + 1)),
+            "chosen": "none" if chosen is None else chosen.describe(),
         }
         del model
 
@@ -84,11 +86,11 @@ def main(argv: list[str] | None = None) -> int:
         "Each row is a run of consecutive row counts with the same class in every distinct linear layer",
         "(one index per layer; - marks a count at which a row's position changes its result).",
         "",
-        "| dtype | row counts | classes per layer | chosen range | probe s |",
+        "| dtype | row counts | classes per layer | chosen counts | probe s |",
         "|---|---|---|---|---|",
     ]
     for dtype, result in results.items():
-        chosen = "none" if result["range"] is None else f"{result['range'][0]} to {result['range'][1]}"
+        chosen = result["chosen"]
         for run in result["runs"]:
             counts = str(run["first"]) if run["first"] == run["last"] else f"{run['first']} to {run['last']}"
             layer_classes = ", ".join("-" if index is None else str(index) for index in run["classes"])

@@ -8,17 +8,18 @@ two reasons:
 
 - torch 2.13's CPU matmul kernels pick their blocking from the number of rows,
   so a row of a linear layer rounds differently in forwards of different
-  sizes. Within some range of row counts they round every row alike, wherever
+  sizes. Within some set of row counts they round every row alike, wherever
   it sits among the others. With one thread on an Intel Xeon with AMX, bf16
   rows round alike at 2 to 32 rows (oneDNN sums 1, 33, 34 to 36, 37 to 56
   and 57 to 64 rows in other orders) and fp32 rows at 16 to 64
-  (``python -m bench.row_classes``). An earlier,
-  less sensitive probe found 2 rows and up for bf16 with AVX512-BF16 and 4 and
-  up for fp32 with AVX2 (MKL), 12 and up with two threads.
-  ``invariant_rows`` measures that range for the model's own layers at
-  start-up. Under ``linear_rows`` every linear layer of a model with
-  ``install`` pads smaller inputs to the range and splits larger ones into
-  chunks inside it.
+  (``python -m bench.row_classes``). With AMX disabled through
+  ``ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16``, bf16 rows round alike at 2 to 64.
+  With MKL, oneDNN and ATen held to AVX2, fp32 rows round alike at 4 to 6, 10
+  to 12, and so on up to 52 to 54 rows. At the counts in between, a row's
+  result depends on its position. ``invariant_rows`` measures that set for
+  the model's own layers at start-up. Under ``linear_rows`` every linear
+  layer of a model with ``install`` pads its input to the next count of the
+  set and splits larger inputs into chunks.
 - SDPA's fused attention splits the keys into blocks whose boundaries depend on
   the query and key counts and, in a packed batch, on where a sequence's keys
   lie. Its online softmax then rounds differently.
@@ -30,7 +31,7 @@ is its result. The caller describes the rows with ``Segment`` objects passed in
 ``attention_plan``. A forward run without a plan (prefill) uses SDPA and plain
 linear layers.
 
-The probe tries every row count up to ``PROBE_MAX_ROWS``, so a range ends there
+The probe tries every row count up to ``PROBE_MAX_ROWS``, so a set ends there
 at the latest, and larger decode forwards run their linear layers in chunks.
 NOTE: kernels such as cuBLAS may pick other algorithms for other row counts, so
 the probe runs only on CPUs.
@@ -50,23 +51,63 @@ IMPLEMENTATION = "saguaro_rows"
 # ``invariant_rows`` tries every row count up to this one, because kernels switch paths at counts
 # that differ by kernel and thread count (see the module docstring).
 PROBE_MAX_ROWS = 64
-# Output features a probe uses at most per layer, so that the probe takes seconds.
-# NOTE: this assumes that a kernel sums a row the same way for every output-feature count above it.
-# For Qwen2.5-Coder-1.5B on an AMX Xeon a probe of every feature gave the same classes
-# (bench/results/row-classes-full.md); other CPUs and kernels are unchecked.
+# Output features a probe uses at most per layer with one torch thread, so that the probe takes seconds.
+# With more threads the probe uses every feature, because MKL's fp32 kernel held to AVX2 split
+# the work by the output-feature count there: at 2 threads a capped probe passed row counts that
+# a 1536-feature layer computed differently.
+# NOTE: with one thread this assumes that a kernel sums a row the same way for every output-feature
+# count above the cap. For Qwen2.5-Coder-1.5B on an AMX Xeon a probe of every feature gave the
+# same classes (bench/results/row-classes-full.md); other CPUs and kernels are unchecked.
 PROBE_MAX_FEATURES = 1024
 
 
 @dataclass(frozen=True)
 class RowRange:
-    """Row counts from ``low`` to ``high`` (None: no limit) at which linear layers round every row alike."""
+    """Row counts at which linear layers round every row alike.
+
+    These are the counts from ``low`` to ``high`` (None: no limit), or only
+    those in ``counts`` when it is set. Some kernels leave gaps. MKL's AVX2
+    fp32 kernel, for one, rounds rows alike at 4 to 6, 10 to 12, 16 to 18 rows
+    and so on (``bench/results/row-classes-avx2.md``). At the counts in
+    between, a row's result depends on its position.
+    """
 
     low: int
     high: int | None = None
+    counts: frozenset[int] | None = None
 
     def __post_init__(self) -> None:
         if self.low < 1 or (self.high is not None and self.high < self.low):
             raise ValueError(f"invalid row range {self.low}..{self.high}: need 1 <= low <= high")
+        if self.counts is not None and (self.high is None or min(self.counts) != self.low or max(self.counts) != self.high):
+            raise ValueError(f"invalid row counts {sorted(self.counts)}: they must run from low ({self.low}) to high ({self.high})")
+
+    @classmethod
+    def of(cls, counts: set[int] | frozenset[int]) -> "RowRange":
+        """Return the range of exactly ``counts``, which need not be consecutive."""
+        if not counts:
+            raise ValueError("invalid row counts: need at least one")
+        low, high = min(counts), max(counts)
+        consecutive = len(counts) == high - low + 1
+        return cls(low, high, None if consecutive else frozenset(counts))
+
+    def padded(self, size: int) -> int:
+        """Return the smallest count of the range that is at least ``size``, for ``size`` up to ``high``."""
+        if self.counts is None:
+            return max(size, self.low)
+        return min(count for count in self.counts if count >= size)
+
+    def describe(self) -> str:
+        """Return the counts as text, such as "2 to 32" or "4 to 6, 10 to 12"."""
+        if self.counts is None:
+            return f"{self.low} to {'any number' if self.high is None else self.high}"
+        runs: list[list[int]] = []
+        for count in sorted(self.counts):
+            if runs and runs[-1][1] == count - 1:
+                runs[-1][1] = count
+            else:
+                runs.append([count, count])
+        return ", ".join(str(first) if first == last else f"{first} to {last}" for first, last in runs)
 
 
 @dataclass(frozen=True)
@@ -113,7 +154,7 @@ def linear_rows(rows: RowRange | None) -> Iterator[None]:
 def split_rows(count: int, rows: RowRange) -> list[int]:
     """Return chunk sizes that cover ``count`` rows, each at most ``rows.high``, as even as possible.
 
-    A chunk below ``rows.low`` is padded by the caller.
+    The caller pads a chunk whose size is not a count of ``rows`` to ``rows.padded(size)``.
     """
     if count <= 0:
         return []
@@ -127,9 +168,10 @@ def split_rows(count: int, rows: RowRange) -> list[int]:
 def invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: RowRange) -> torch.Tensor:
     """Return ``linear(x, weight, bias)`` computed in matmuls whose row counts lie in ``rows``.
 
-    The leading dimensions of ``x`` are flattened into rows. Fewer rows than
-    ``rows.low`` are padded with copies of the last row, whose results are
-    dropped; more than ``rows.high`` are split into chunks. Each chunk is made
+    The leading dimensions of ``x`` are flattened into rows. More than
+    ``rows.high`` are split into chunks. A chunk whose size is not a count of
+    ``rows`` is padded to the next one with copies of its last row, whose
+    results are dropped. Each chunk is made
     contiguous, because kernels round a transposed input (as attention outputs
     may be) differently.
     """
@@ -139,8 +181,9 @@ def invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     for size in split_rows(flat.shape[0], rows):
         chunk = flat[start : start + size]
         start += size
-        if size < rows.low:
-            chunk = torch.cat([chunk, chunk[-1:].expand(rows.low - size, -1)])
+        padded = rows.padded(size)
+        if padded > size:
+            chunk = torch.cat([chunk, chunk[-1:].expand(padded - size, -1)])
         chunk = chunk.contiguous()
         outputs.append(torch.nn.functional.linear(chunk, weight, bias)[:size])
     result = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
@@ -285,25 +328,28 @@ def row_classes(model, max_rows: int = PROBE_MAX_ROWS, max_features: int | None 
 
 
 def invariant_rows(model, max_rows: int = PROBE_MAX_ROWS) -> RowRange | None:
-    """Return the widest range of row counts at which every linear layer of ``model`` computes a row alike, or None.
+    """Return the largest set of row counts at which every linear layer of ``model`` computes a row alike, or None.
 
-    The range is the longest run of consecutive counts in one class of
-    ``row_classes`` for every layer (the lowest on a tie). None means that no
-    count qualifies.
+    See ``largest_class``. None means that no count qualifies. The probe
+    covers every output feature when torch runs more than one thread (see
+    ``PROBE_MAX_FEATURES``).
     """
-    return widest_range(row_classes(model, max_rows))
+    max_features = PROBE_MAX_FEATURES if torch.get_num_threads() == 1 else None
+    return largest_class(row_classes(model, max_rows, max_features))
 
 
-def widest_range(classes: dict[int, tuple[int | None, ...]]) -> RowRange | None:
-    """Return the longest run of consecutive counts of ``classes`` (from ``row_classes``) in one class for every layer, or None."""
-    max_rows = max(classes)
-    best: tuple[int, int] | None = None
-    low = None
-    for count in range(1, max_rows + 2):
-        valid = count <= max_rows and None not in classes[count]
-        if valid and low is not None and classes[count] == classes[low]:
-            continue
-        if low is not None and (best is None or count - low > best[1] - best[0] + 1):
-            best = (low, count - 1)
-        low = count if valid else None
-    return None if best is None else RowRange(*best)
+def largest_class(classes: dict[int, tuple[int | None, ...]]) -> RowRange | None:
+    """Return the counts of the class of ``classes`` (from ``row_classes``) with the most counts, or None.
+
+    A class is one class index per layer, so its counts give the same bits in
+    every layer. On a tie the class with the lowest count wins, because it
+    pads small forwards least. Its counts need not be consecutive.
+    """
+    members: dict[tuple[int | None, ...], set[int]] = {}
+    for count in sorted(classes):
+        if None not in classes[count]:
+            members.setdefault(classes[count], set()).add(count)
+    if not members:
+        return None
+    best = max(members.values(), key=lambda counts: (len(counts), -min(counts)))
+    return RowRange.of(best)

@@ -82,11 +82,12 @@ def test_linear_rows_invariant_inside_range(dtype):
     rows = row_attention.invariant_rows(layers)
     assert rows is not None, f"no row count gives invariant {dtype} matmuls on this CPU"
     high = rows.high
+    counts = sorted(rows.counts) if rows.counts is not None else list(range(rows.low, high + 1))
     for layer in layers:
         weight = layer.weight
         x = torch.randn(2 * high + 3, weight.shape[1], generator=generator).to(weight.dtype)
         reference = torch.nn.functional.linear(x[: rows.low], weight)[0]
-        for count in sorted({rows.low, (rows.low + high) // 2, high}):
+        for count in sorted({counts[0], counts[len(counts) // 2], counts[-1]}):
             first = torch.nn.functional.linear(x[:count], weight)[0]
             last = torch.nn.functional.linear(torch.cat([x[1:count], x[:1]]), weight)[-1]
             assert torch.equal(first, reference), f"{tuple(weight.shape)}: row 0 of {count} rows differs from row 0 of {rows.low} rows"
@@ -110,6 +111,39 @@ def test_split_rows_stays_inside_range():
         row_attention.RowRange(5, 4)
 
 
+def test_row_range_with_gaps_pads_to_next_count():
+    rows = row_attention.RowRange.of({4, 5, 6, 10, 11, 12})
+    assert (rows.low, rows.high) == (4, 12)
+    assert rows.describe() == "4 to 6, 10 to 12"
+    assert [rows.padded(size) for size in (1, 4, 6, 7, 9, 12)] == [4, 4, 6, 10, 10, 12]
+    assert row_attention.split_rows(13, rows) == [7, 6]
+    assert row_attention.RowRange.of({2, 3, 4}) == row_attention.RowRange(2, 4)
+    assert row_attention.RowRange(2, 32).describe() == "2 to 32"
+    with pytest.raises(ValueError, match="invalid row counts"):
+        row_attention.RowRange(4, 12, frozenset({5, 12}))
+
+
+@torch.inference_mode()
+def test_invariant_linear_skips_gap_counts(monkeypatch):
+    """Every matmul runs at a count of the set, and each row's result is its own."""
+    rows = row_attention.RowRange.of({4, 5, 6, 10, 11, 12})
+    seen = []
+    real_linear = torch.nn.functional.linear
+
+    def recording_linear(x, weight, bias=None):
+        seen.append(x.shape[0])
+        return real_linear(x, weight, bias)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", recording_linear)
+    weight = torch.randn(3, 8, dtype=torch.float64)
+    x = torch.randn(30, 8, dtype=torch.float64)
+    for count in (1, 7, 13, 30):
+        seen.clear()
+        result = row_attention.invariant_linear(x[:count], weight, None, rows)
+        assert all(size in {4, 5, 6, 10, 11, 12} for size in seen), f"{count} rows ran as {seen}"
+        torch.testing.assert_close(result, real_linear(x[:count], weight))
+
+
 def fake_linear(x, weight, bias=None):
     """Fake kernel paths that change with the row count: classes 1-3, 4-9 (with 6 position-dependent), 10 and up."""
     count = x.shape[0]
@@ -123,11 +157,14 @@ def fake_linear(x, weight, bias=None):
     return out
 
 
-def test_probe_picks_longest_class_run(monkeypatch):
+def test_probe_picks_largest_class(monkeypatch):
     layer = torch.nn.Linear(4, 3)
     monkeypatch.setattr(torch.nn.functional, "linear", fake_linear)
-    assert row_attention.invariant_rows(layer, max_rows=12) == row_attention.RowRange(1, 3)
+    # Class 4-9 without the position-dependent 6 has the most counts, so gaps are allowed.
+    assert row_attention.invariant_rows(layer, max_rows=12) == row_attention.RowRange.of({4, 5, 7, 8, 9})
     assert row_attention.invariant_rows(layer, max_rows=20) == row_attention.RowRange(10, 20)
+    # A tie goes to the class with the lowest count.
+    assert row_attention.invariant_rows(layer, max_rows=14) == row_attention.RowRange.of({4, 5, 7, 8, 9})
 
 
 def test_row_classes_group_counts(monkeypatch):

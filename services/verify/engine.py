@@ -92,9 +92,8 @@ class TargetEngine:
                 )
             else:
                 logger.info(
-                    "batch invariance: decode forwards run their linear layers at %d to %s rows, where this CPU's matmul kernels round every row alike",
-                    rows.low,
-                    "any number of" if rows.high is None else rows.high,
+                    "batch invariance: decode forwards run their linear layers at %s rows, where this CPU's matmul kernels round every row alike",
+                    rows.describe(),
                 )
             self.rows = rows
 
