@@ -105,14 +105,22 @@ def _count_forward_tokens(engine: DraftEngine) -> list[int]:
     return counts
 
 
+TREE_PROMPT = [5, 17, 33, 2, 90, 41, 7]
+TREE_GLUE = [12, 60, 3, 99, 30]  # r, s1..s4
+
+
+def _built(request_id: str, fanout: list[int] | None = None, k: int = 4):
+    """Prefill ``TREE_PROMPT`` and build the cache for verifying ``TREE_GLUE``; return the engine, sequence and build."""
+    engine = DraftEngine(tiny_qwen2(seed=5), torch.device("cpu"))
+    seq = engine.prefill(request_id, TREE_PROMPT)
+    build = engine.build_cache(seq, len(TREE_PROMPT), TREE_GLUE, fanout=fanout or [2, 1, 1, 1, 2], k=k)
+    return engine, seq, build
+
+
 def _build_then_sync(pick, reuse: bool):
     """Build a cache, then sync to the speculation of the branch ``pick`` selects; return the engine, sequence, branch and forward sizes."""
-    model = tiny_qwen2(seed=5)
-    engine = DraftEngine(model, torch.device("cpu"))
-    prompt = [5, 17, 33, 2, 90, 41, 7]
-    glue = [12, 60, 3, 99, 30]  # r, s1..s4
-    seq = engine.prefill("r5", prompt)
-    build = engine.build_cache(seq, len(prompt), glue, fanout=[2, 1, 1, 1, 2], k=4)
+    engine, seq, build = _built("r5")
+    prompt, glue = TREE_PROMPT, TREE_GLUE
     branch = pick(build.branches)
     if not reuse:
         seq.tree = None
@@ -153,12 +161,8 @@ def test_sync_after_hit_reuses_tree_rows():
 
 
 def test_sync_after_miss_runs_every_token():
-    model = tiny_qwen2(seed=5)
-    engine = DraftEngine(model, torch.device("cpu"))
-    prompt = [5, 17, 33, 2, 90, 41, 7]
-    glue = [12, 60, 3, 99, 30]
-    seq = engine.prefill("r6", prompt)
-    build = engine.build_cache(seq, len(prompt), glue, fanout=[2, 1, 1, 1, 2], k=4)
+    engine, seq, build = _built("r6")
+    prompt, glue = TREE_PROMPT, TREE_GLUE
     missed = next(t for t in range(100) if all(b.token != t for b in build.branches if b.accepted == 2))
     counts = _count_forward_tokens(engine)
     engine.sync(seq, len(prompt), glue[:3] + [missed, 8, 9])
@@ -168,12 +172,8 @@ def test_sync_after_miss_runs_every_token():
 
 
 def test_tree_dropped_when_sequence_changes():
-    model = tiny_qwen2(seed=5)
-    engine = DraftEngine(model, torch.device("cpu"))
-    prompt = [5, 17, 33, 2, 90, 41, 7]
-    glue = [12, 60, 3, 99, 30]
-    seq = engine.prefill("r7", prompt)
-    build = engine.build_cache(seq, len(prompt), glue, fanout=[2, 1, 1, 1, 2], k=4)
+    engine, seq, build = _built("r7")
+    prompt, glue = TREE_PROMPT, TREE_GLUE
     assert seq.tree is not None
     branch = next(b for b in build.branches if b.accepted == 4)
     # A draft after the build extends the sequence, so the tree rows no longer sit where the tree put them.
@@ -187,13 +187,9 @@ def test_tree_dropped_when_sequence_changes():
 
 
 def test_sync_after_empty_tree_runs_every_token():
-    model = tiny_qwen2(seed=5)
-    engine = DraftEngine(model, torch.device("cpu"))
-    prompt = [5, 17, 33, 2, 90, 41, 7]
-    glue = [12, 60, 3, 99, 30]
-    seq = engine.prefill("r8", prompt)
     # k = 0 decodes no tree rows, so a branch's c has no KV to reuse.
-    build = engine.build_cache(seq, len(prompt), glue, fanout=[1, 1, 1, 1, 1], k=0)
+    engine, seq, build = _built("r8", fanout=[1, 1, 1, 1, 1], k=0)
+    prompt, glue = TREE_PROMPT, TREE_GLUE
     branch = build.branches[0]
     counts = _count_forward_tokens(engine)
     engine.sync(seq, len(prompt), glue[: branch.accepted + 1] + [branch.token, 8, 9])
