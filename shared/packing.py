@@ -108,6 +108,10 @@ class PackedBatch:
         """Return the packed-cache indices of sequence ``i``'s tokens in the order they were added."""
         return torch.nonzero(self._owner == i).squeeze(1)
 
+    def _appended_indices(self, i: int) -> torch.Tensor:
+        """Return the packed-cache indices of the tokens appended for sequence ``i``, in the order they were added."""
+        return self._packed_indices(i)[self.original_lengths[i] :]
+
     # -- forward --------------------------------------------------------------
 
     @torch.inference_mode()
@@ -252,7 +256,7 @@ class PackedBatch:
         _check_layers(cache, "the destination cache")
         if len(cache.layers) != len(self.cache.layers):
             raise ValueError(f"the destination cache has {len(cache.layers)} layers but the packed cache has {len(self.cache.layers)}")
-        appended = self._packed_indices(i)[self.original_lengths[i] :]
+        appended = self._appended_indices(i)
         if indices is not None:
             if isinstance(indices, slice):
                 appended = appended[indices]
@@ -265,7 +269,7 @@ class PackedBatch:
 
     def appended_layers(self, i: int, start: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Return per layer copies of the keys and values of the tokens appended for sequence ``i``, from its ``start``-th on."""
-        appended = self._packed_indices(i)[self.original_lengths[i] + start :]
+        appended = self._appended_indices(i)[start:]
         return [(layer.keys.index_select(-2, appended), layer.values.index_select(-2, appended)) for layer in self.cache.layers]
 
     def crop(self, length: int) -> None:

@@ -7,7 +7,7 @@ token after j accepted drafts. Tree runs K batched forwards that decode every
 branch at once over one shared KV with a tree attention mask. Publish, done by
 the caller, writes the entries to Redis.
 
-After a hit the next glue is short: the cache entry that hit holds the
+After a hit the next glue is short: the cache entry that hit contains the
 tokens [c, t1..tK] that the next step verifies, and the tree already computed
 the KV and candidates of c..t_{K-1}. A build keeps its tree KV (``TreeCache``)
 until the next ``sync``, which copies the hit branch's rows into the sequence
@@ -217,14 +217,23 @@ class DraftEngine:
         Tokens already in the sequence at the right place are reused. The first
         ``base_len`` tokens must be ones the sequence has seen.
         """
+        self._extend(seq, self._missing_tokens(seq, base_len, tokens))
+        seq.last_used = time.monotonic()
+
+    def _missing_tokens(self, seq: DraftSequence, base_len: int, tokens: list[int], rerun_last: bool = False) -> list[int]:
+        """Crop ``seq`` to what it shares with ``ids[:base_len] + tokens``, add tree rows of the last build, and return the tokens left to run.
+
+        With ``rerun_last`` the last token is always left to run, so that its logits are fresh.
+        """
         tree = seq.tree
         keep = self._reusable_length(seq, base_len, tokens)
+        if rerun_last:
+            keep = min(keep, base_len + len(tokens) - 1)
         seq.crop(keep)
         self.observe_tokens(tokens)
         rest = tokens[keep - base_len :]
         reused = self._reuse_tree(seq, tree, rest[:-1])
-        self._extend(seq, rest[reused:])
-        seq.last_used = time.monotonic()
+        return rest[reused:]
 
     def _reuse_tree(self, seq: DraftSequence, tree: TreeCache | None, tokens: list[int]) -> int:
         """Append to ``seq`` the leading ``tokens`` that a branch of ``tree`` decoded at this place; return how many.
@@ -299,15 +308,8 @@ class DraftEngine:
 
         missing = []
         for job in jobs:
-            self.observe_tokens(job.tokens)
-            tree = job.seq.tree
-            keep = self._reusable_length(job.seq, job.base_len, job.tokens)
             # Run at least the last token again, so every job has fresh logits to draft from.
-            keep = min(keep, job.base_len + len(job.tokens) - 1)
-            job.seq.crop(keep)
-            rest = job.tokens[keep - job.base_len :]
-            reused = self._reuse_tree(job.seq, tree, rest[:-1])
-            missing.append(rest[reused:])
+            missing.append(self._missing_tokens(job.seq, job.base_len, job.tokens, rerun_last=True))
             job.seq.last_used = time.monotonic()
 
         batch = PackedBatch(self.model, [job.seq.cache for job in jobs])
@@ -490,15 +492,7 @@ class DraftEngine:
         Writes the glue KV back into each sequence's own cache and returns the
         batch, whose packed cache also contains it, for the tree forwards.
         """
-        missing = []
-        for job in jobs:
-            self.observe_tokens(job.tokens)
-            tree = job.seq.tree
-            keep = self._reusable_length(job.seq, job.base_len, job.tokens)
-            job.seq.crop(keep)
-            rest = job.tokens[keep - job.base_len :]
-            reused = self._reuse_tree(job.seq, tree, rest[:-1])
-            missing.append(rest[reused:])
+        missing = [self._missing_tokens(job.seq, job.base_len, job.tokens) for job in jobs]
 
         batch = PackedBatch(self.model, [job.seq.cache for job in jobs])
         positions = [list(range(len(job.seq.ids), len(job.seq.ids) + len(tokens))) for job, tokens in zip(jobs, missing)]
