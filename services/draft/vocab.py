@@ -8,10 +8,10 @@ proposes tokens, so it can score a subset. The subset starts with the first
 ``size`` token ids and the special tokens. Byte-level BPE vocabularies number
 tokens in merge order, so low ids are the common ones. Every token seen in a
 prompt or committed so far joins the subset. Tokens that join later are scored
-by a small unquantized layer next to the main one, because rebuilding and
-quantizing the main layer took 0.92 s per new token against 0.2 ms for the
-side layer (32,768 rows of Qwen2.5-Coder-0.5B, one core of a 2-core Xeon VM,
-``python -m bench.draft_vocab_growth``), a stall on the critical path. Output stays exact: the verifier
+by a small unquantized side layer next to the main one. Rebuilding and
+quantizing the main layer took 0.92 s per new token, a stall on the critical
+path, and the side layer takes 0.2 ms (32,768 rows of Qwen2.5-Coder-0.5B, one
+core of a 2-core Xeon VM, ``python -m bench.draft_vocab_growth``). Output stays exact: the verifier
 checks every draft, and under rejection acceptance the q it tests is the
 distribution over the subset that the draft sampled from.
 """
